@@ -1,0 +1,50 @@
+//! Shardwise: Kinesis stream consumers for AWS Lambda that neither lose nor repeat records.
+//!
+//! A user writes a [`RecordHandler`] (one record at a time) or a [`BatchHandler`] (a whole batch
+//! at once) and hands it to a [`Processor`], which gives them, per invocation:
+//!
+//! - **decoding** ([`event`], [`kpl`], [`payload`]): the event parsed in place, base64 decoded
+//!   into one arena, KPL aggregates expanded, payloads typed with serde. Bad data is a
+//!   permanent error of that record, named by sequence number and field path.
+//! - **ordering** ([`processor`]): records of one partition key strictly in order, keys
+//!   concurrently; a retryable failure holds back the rest of its key.
+//! - **retries** ([`retry`]): retryable errors retried with backoff inside the deadline.
+//! - **bisecting**: a failing batch handler is split until the poison records are isolated.
+//! - **dead letters** ([`dead_letter`]): permanent failures go to SQS *with their payload*;
+//!   a record that cannot be dead-lettered is handed back to Lambda, never acknowledged.
+//! - **idempotency** through a [`gate`]: batched look-ups before, batched completions after.
+//! - **the response** ([`response`]): the lowest sequence number Lambda must redeliver.
+//! - **telemetry** ([`telemetry`], [`metrics`]): JSON logs and CloudWatch EMF metrics.
+//!
+//! Everything that talks to AWS sits behind a small trait with an AWS implementation and an
+//! in-memory one, so the same processor runs in Lambda, in the local runner and in tests.
+//!
+//! # Errors
+//! Each module has its own error type. Record-level problems never become an `Err` of the
+//! invocation: they become an [`Outcome`] of that record. Only an unreadable event fails the
+//! invocation ([`runtime::InvocationError`]), because nothing in it can be attributed to a record.
+
+pub mod aws;
+pub mod clock;
+pub mod config;
+pub mod dead_letter;
+pub mod event;
+pub mod gate;
+pub mod handler;
+pub mod kpl;
+pub mod metrics;
+pub mod payload;
+pub mod processor;
+pub mod record;
+pub mod response;
+pub mod retry;
+pub mod runtime;
+pub mod telemetry;
+pub mod testing;
+
+pub use dead_letter::{InMemoryDeadLetterSink, SqsDeadLetterSink};
+pub use handler::{BatchHandler, ErrorClass, HandlerError, RecordHandler, TypedRecord};
+pub use payload::{FromRecordData, Json};
+pub use processor::{BatchReport, Invocation, Outcome, Processor, ProcessorConfig};
+pub use record::{Record, SequenceNumber};
+pub use response::BatchResponse;

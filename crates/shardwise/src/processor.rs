@@ -1,0 +1,928 @@
+//! The batch processor: from event bytes to the partial batch response.
+//!
+//! One invocation goes through these steps, each once per batch:
+//!
+//! 1. parse the event in place and decode every payload ([`crate::event`]);
+//! 2. ask the gate (idempotency) which records need running ([`crate::gate`]);
+//! 3. decode typed payloads — a record that does not decode is a permanent failure;
+//! 4. run the handler: per record, in order per partition key, keys concurrently
+//!    ([`PerRecord`]); or per batch, bisecting on permanent failure ([`Bisecting`]);
+//! 5. dead-letter permanent failures, with their payload ([`crate::dead_letter`]);
+//! 6. tell the gate how records settled;
+//! 7. answer with the lowest sequence number Lambda must redeliver.
+//!
+//! Every record ends in exactly one [`Outcome`]. Only three outcomes acknowledge a record —
+//! processed, already done, dead-lettered — everything else is reported back to Lambda, so a
+//! record is never lost to an error, a full dead-letter queue or a deadline.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+
+use crate::clock::{Clock, SystemClock};
+use crate::dead_letter::{
+    DeadLetter, DeadLetterError, DeadLetterPublisher, DeadLetterSink, PublishError,
+};
+use crate::event::{DecodedBatch, EventError, EventRecord, KinesisEvent, parse_event};
+use crate::gate::{Admission, GateContext, NoGate, RecordGate, Settlement};
+use crate::handler::{BatchHandler, HandlerError, RecordHandler, TypedRecord};
+use crate::metrics::{EmfDocument, Unit};
+use crate::payload::FromRecordData;
+use crate::record::{Record, SequenceNumber};
+use crate::response::BatchResponse;
+use crate::retry::{ExponentialBackoff, RetryPolicy, retry};
+
+/// Settings that do not change between invocations.
+#[derive(Debug, Clone)]
+pub struct ProcessorConfig {
+    /// The function's name, written into dead letters and metrics.
+    pub function_name: String,
+    /// Partition keys handled at the same time (records of one key are always sequential).
+    /// Handlers are usually I/O-bound, so this exceeds the 1–2 vCPUs a Lambda has.
+    pub max_concurrency: usize,
+    /// Time kept free before the deadline: no record starts after `deadline - margin`, running
+    /// handlers are abandoned at `deadline - margin/2`, and the rest is for dead letters and the
+    /// response. Never more than half the time the invocation has.
+    pub deadline_margin: Duration,
+}
+
+impl Default for ProcessorConfig {
+    fn default() -> Self {
+        Self {
+            function_name: "shardwise".to_owned(),
+            max_concurrency: 8,
+            deadline_margin: Duration::from_millis(1000),
+        }
+    }
+}
+
+/// What the processor needs to know about one invocation.
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    pub request_id: String,
+    /// The deadline on tokio's clock (so tests can pause time), if there is one.
+    pub deadline: Option<Instant>,
+    /// The same deadline in epoch milliseconds (for lock expiries written to stores).
+    pub deadline_ms: Option<i64>,
+}
+
+impl Invocation {
+    /// An invocation whose deadline is `deadline_ms` (epoch ms, as Lambda's context gives it),
+    /// placed on tokio's clock by comparing it with `clock`.
+    pub fn with_deadline_ms(
+        request_id: impl Into<String>,
+        deadline_ms: i64,
+        clock: &impl Clock,
+    ) -> Self {
+        let remaining = u64::try_from(deadline_ms.saturating_sub(clock.now_ms())).unwrap_or(0);
+        Self {
+            request_id: request_id.into(),
+            deadline: Some(Instant::now() + Duration::from_millis(remaining)),
+            deadline_ms: Some(deadline_ms),
+        }
+    }
+
+    /// An invocation without a deadline (tools, tests).
+    pub fn unbounded(request_id: impl Into<String>) -> Self {
+        Self {
+            request_id: request_id.into(),
+            deadline: None,
+            deadline_ms: None,
+        }
+    }
+}
+
+/// How one record ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Not decided yet (only while processing).
+    Pending,
+    /// The handler succeeded.
+    Processed { attempts: u32 },
+    /// An earlier delivery already took effect (idempotency).
+    AlreadyDone,
+    /// Will never succeed; to be dead-lettered.
+    Permanent {
+        error: DeadLetterError,
+        attempts: u32,
+    },
+    /// Dead-lettered with its payload.
+    DeadLettered {
+        error: DeadLetterError,
+        attempts: u32,
+    },
+    /// Failed in a way that may pass later; handed back to Lambda.
+    Retryable { reason: String, attempts: u32 },
+    /// Not started before the deadline cut-off; handed back to Lambda.
+    NotStarted,
+    /// Not run because an earlier record of its partition key failed; handed back to Lambda.
+    Blocked,
+    /// Same idempotency key as the record at this position; settles as it does.
+    DuplicateOf(usize),
+}
+
+impl Outcome {
+    /// Whether Lambda may consider the record done.
+    pub fn is_acknowledged(&self) -> bool {
+        matches!(
+            self,
+            Self::Processed { .. } | Self::AlreadyDone | Self::DeadLettered { .. }
+        )
+    }
+
+    fn blocks_key(&self) -> bool {
+        matches!(
+            self,
+            Self::Retryable { .. } | Self::NotStarted | Self::Blocked
+        )
+    }
+}
+
+/// Record counts of one invocation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub records: usize,
+    pub processed: usize,
+    pub already_done: usize,
+    pub dead_lettered: usize,
+    pub retryable: usize,
+    pub not_started: usize,
+    pub blocked: usize,
+}
+
+impl Counts {
+    /// Records handed back to Lambda.
+    pub fn failed(&self) -> usize {
+        self.retryable + self.not_started + self.blocked
+    }
+}
+
+/// Everything an invocation produced: the response for Lambda and what to measure.
+#[derive(Debug, Clone)]
+pub struct BatchReport {
+    pub response: BatchResponse,
+    pub counts: Counts,
+    /// Handler calls made (records, or batches when bisecting).
+    pub handler_calls: u32,
+    /// Age of the oldest record at the start of the invocation.
+    pub max_record_age_ms: Option<i64>,
+    pub duration: Duration,
+    /// Each record's outcome, in stream order (KPL user records in place of their aggregate).
+    pub outcomes: Vec<Outcome>,
+}
+
+impl BatchReport {
+    /// The invocation's metrics as one EMF line's document.
+    pub fn metrics(&self, namespace: &str, function_name: &str) -> EmfDocument {
+        let mut doc = EmfDocument::new(namespace)
+            .dimension("FunctionName", function_name)
+            .metric(
+                "RecordsProcessed",
+                Unit::Count,
+                self.counts.processed as f64,
+            )
+            .metric("RecordsFailed", Unit::Count, self.counts.failed() as f64)
+            .metric(
+                "RecordsDeadLettered",
+                Unit::Count,
+                self.counts.dead_lettered as f64,
+            )
+            .metric(
+                "RecordsAlreadyDone",
+                Unit::Count,
+                self.counts.already_done as f64,
+            )
+            .metric(
+                "BatchDuration",
+                Unit::Milliseconds,
+                self.duration.as_secs_f64() * 1000.0,
+            );
+        if let Some(age) = self.max_record_age_ms {
+            doc = doc.metric("MaxRecordAge", Unit::Milliseconds, age as f64);
+        }
+        doc
+    }
+}
+
+/// Cut-off times derived from the deadline.
+#[derive(Debug, Clone, Copy)]
+pub struct Cutoffs {
+    /// No handler starts after this.
+    pub start: Option<Instant>,
+    /// Running handlers are abandoned at this.
+    pub abandon: Option<Instant>,
+    /// Dead-letter retries stop before this.
+    pub publish: Option<Instant>,
+}
+
+impl Cutoffs {
+    fn new(deadline: Option<Instant>, margin: Duration) -> Self {
+        let Some(deadline) = deadline else {
+            return Self {
+                start: None,
+                abandon: None,
+                publish: None,
+            };
+        };
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let margin = margin.min(remaining / 2);
+        Self {
+            start: Some(deadline - margin),
+            abandon: Some(deadline - margin / 2),
+            publish: Some(deadline - margin / 4),
+        }
+    }
+
+    fn past_start(&self) -> bool {
+        self.start.is_some_and(|start| Instant::now() >= start)
+    }
+}
+
+/// What a [`Mode`] is given to run handlers.
+#[derive(Debug)]
+pub struct RunContext<'a, R> {
+    pub retry: &'a R,
+    pub cutoffs: Cutoffs,
+    pub max_concurrency: usize,
+}
+
+/// A way of running the handler over a batch: [`PerRecord`] or [`Bisecting`].
+pub trait Mode: Send + Sync {
+    /// Decide the outcome of every `Pending` record (others are already decided and must be
+    /// left alone, but a failed one blocks later records of its key). Returns handler calls.
+    fn execute<'a, 'd, R: RetryPolicy>(
+        &'a self,
+        records: &'a [Record<'d>],
+        outcomes: &'a mut [Outcome],
+        context: &'a RunContext<'a, R>,
+    ) -> impl Future<Output = u32> + Send + 'a;
+}
+
+/// Runs a [`RecordHandler`] on each record.
+#[derive(Debug, Clone)]
+pub struct PerRecord<H>(pub H);
+
+/// Runs a [`BatchHandler`] on the whole batch, bisecting it on permanent failure until the
+/// poison records are isolated.
+#[derive(Debug, Clone)]
+pub struct Bisecting<H>(pub H);
+
+/// Decode payloads of pending records; a record that does not decode becomes permanent.
+fn decode_payloads<'d, P: FromRecordData<'d>>(
+    records: &[Record<'d>],
+    outcomes: &mut [Outcome],
+) -> Vec<Option<P>> {
+    records
+        .iter()
+        .zip(outcomes.iter_mut())
+        .map(|(record, outcome)| {
+            if *outcome != Outcome::Pending {
+                return None;
+            }
+            match P::from_record_data(record.data) {
+                Ok(payload) => Some(payload),
+                Err(error) => {
+                    *outcome = Outcome::Permanent {
+                        error: DeadLetterError {
+                            error_type: error.kind.as_str().to_owned(),
+                            message: format!("record {}: {error}", record.id()),
+                        },
+                        attempts: 0,
+                    };
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+/// The outcome of a handler error after retries.
+fn failed(error: &HandlerError, attempts: u32) -> Outcome {
+    if error.is_retryable() {
+        Outcome::Retryable {
+            reason: format!("{}: {error}", error.error_type()),
+            attempts,
+        }
+    } else {
+        Outcome::Permanent {
+            error: DeadLetterError {
+                error_type: error.error_type().to_owned(),
+                message: error.to_string(),
+            },
+            attempts,
+        }
+    }
+}
+
+/// Await a handler future, turning a panic into a permanent error and the abandon cut-off into
+/// a retryable one (its effect may or may not have happened; idempotency covers a rerun).
+async fn guarded(
+    future: impl Future<Output = Result<(), HandlerError>>,
+    abandon: Option<Instant>,
+) -> Result<(), HandlerError> {
+    let caught = AssertUnwindSafe(future).catch_unwind();
+    let result = match abandon {
+        Some(at) => match tokio::time::timeout_at(at, caught).await {
+            Ok(result) => result,
+            Err(_) => {
+                return Err(HandlerError::retryable(
+                    "handler still running at the invocation's deadline margin",
+                )
+                .with_type("DeadlineExceeded"));
+            }
+        },
+        None => caught.await,
+    };
+    match result {
+        Ok(result) => result,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "handler panicked".to_owned());
+            Err(
+                HandlerError::permanent(format!("handler panicked: {message}"))
+                    .with_type("HandlerPanic"),
+            )
+        }
+    }
+}
+
+/// Whether another attempt is allowed: deadline-exceeded errors get none.
+fn worth_retrying(error: &HandlerError) -> bool {
+    error.is_retryable() && error.error_type() != "DeadlineExceeded"
+}
+
+impl<H> Mode for PerRecord<H>
+where
+    H: for<'d> RecordHandler<'d>,
+{
+    async fn execute<'a, 'd, R: RetryPolicy>(
+        &'a self,
+        records: &'a [Record<'d>],
+        outcomes: &'a mut [Outcome],
+        context: &'a RunContext<'a, R>,
+    ) -> u32 {
+        let payloads = decode_payloads::<<H as RecordHandler<'d>>::Payload>(records, outcomes);
+        let lanes = lanes(records);
+        let before: &[Outcome] = outcomes;
+        let payloads = &payloads;
+        let handler = &self.0;
+        let results: Vec<(Vec<(usize, Outcome)>, u32)> = futures::stream::iter(lanes)
+            .map(|lane| async move {
+                let mut decided = Vec::new();
+                let mut calls = 0;
+                let mut blocked = false;
+                for index in lane {
+                    let current = &before[index];
+                    if *current != Outcome::Pending {
+                        blocked |= current.blocks_key();
+                        continue;
+                    }
+                    if blocked {
+                        decided.push((index, Outcome::Blocked));
+                        continue;
+                    }
+                    if context.cutoffs.past_start() {
+                        decided.push((index, Outcome::NotStarted));
+                        blocked = true;
+                        continue;
+                    }
+                    let Some(payload) = payloads[index].as_ref() else {
+                        continue;
+                    };
+                    let record = &records[index];
+                    let attempted = retry(context.retry, context.cutoffs.start, worth_retrying, || {
+                        calls += 1;
+                        guarded(handler.handle(record, payload), context.cutoffs.abandon)
+                    })
+                    .await;
+                    let outcome = match attempted.result {
+                        Ok(()) => Outcome::Processed {
+                            attempts: attempted.attempts,
+                        },
+                        Err(error) => {
+                            warn!(shard = record.shard_id, sequence_number = %record.sequence_number,
+                                sub_sequence_number = record.sub_sequence_number,
+                                error_type = error.error_type(), attempts = attempted.attempts,
+                                "record failed: {error}");
+                            failed(&error, attempted.attempts)
+                        }
+                    };
+                    blocked |= outcome.blocks_key();
+                    decided.push((index, outcome));
+                }
+                (decided, calls)
+            })
+            .buffer_unordered(context.max_concurrency.max(1))
+            .collect()
+            .await;
+        let mut calls = 0;
+        for (decided, lane_calls) in results {
+            calls += lane_calls;
+            for (index, outcome) in decided {
+                outcomes[index] = outcome;
+            }
+        }
+        calls
+    }
+}
+
+impl<H> Mode for Bisecting<H>
+where
+    H: for<'d> BatchHandler<'d>,
+{
+    async fn execute<'a, 'd, R: RetryPolicy>(
+        &'a self,
+        records: &'a [Record<'d>],
+        outcomes: &'a mut [Outcome],
+        context: &'a RunContext<'a, R>,
+    ) -> u32 {
+        let payloads = decode_payloads::<<H as BatchHandler<'d>>::Payload>(records, outcomes);
+        let mut blocked_keys: Vec<&str> = Vec::new();
+        let mut eligible = Vec::new();
+        for (index, outcome) in outcomes.iter().enumerate() {
+            if outcome.blocks_key() {
+                blocked_keys.push(records[index].partition_key);
+            } else if *outcome == Outcome::Pending {
+                eligible.push(index);
+            }
+        }
+        let mut calls = 0;
+        // Depth first, left half first: the stack keeps stream order across halves, so a key
+        // blocked in the left half is known before the right half runs.
+        let mut stack = vec![eligible];
+        while let Some(group) = stack.pop() {
+            let mut group_records = Vec::with_capacity(group.len());
+            for index in group {
+                if blocked_keys.contains(&records[index].partition_key) {
+                    outcomes[index] = Outcome::Blocked;
+                } else if context.cutoffs.past_start() {
+                    outcomes[index] = Outcome::NotStarted;
+                    blocked_keys.push(records[index].partition_key);
+                } else {
+                    group_records.push(index);
+                }
+            }
+            if group_records.is_empty() {
+                continue;
+            }
+            let batch: Vec<TypedRecord<'_, 'd, _>> = group_records
+                .iter()
+                .filter_map(|&i| {
+                    payloads[i].as_ref().map(|payload| TypedRecord {
+                        record: &records[i],
+                        payload,
+                    })
+                })
+                .collect();
+            let attempted = retry(context.retry, context.cutoffs.start, worth_retrying, || {
+                calls += 1;
+                guarded(self.0.handle_batch(&batch), context.cutoffs.abandon)
+            })
+            .await;
+            match attempted.result {
+                Ok(()) => {
+                    for &i in &group_records {
+                        outcomes[i] = Outcome::Processed {
+                            attempts: attempted.attempts,
+                        };
+                    }
+                }
+                Err(error) if !error.is_retryable() && group_records.len() > 1 => {
+                    debug!(
+                        size = group_records.len(),
+                        "batch failed permanently: bisecting"
+                    );
+                    let right = group_records.split_off(group_records.len() / 2);
+                    stack.push(right);
+                    stack.push(group_records);
+                }
+                Err(error) => {
+                    let outcome = failed(&error, attempted.attempts);
+                    for &i in &group_records {
+                        let record = &records[i];
+                        warn!(shard = record.shard_id, sequence_number = %record.sequence_number,
+                            error_type = error.error_type(), "record failed: {error}");
+                        if outcome.blocks_key() {
+                            blocked_keys.push(record.partition_key);
+                        }
+                        outcomes[i] = outcome.clone();
+                    }
+                }
+            }
+        }
+        calls
+    }
+}
+
+/// Record positions grouped by partition key, each group in stream order, groups in order of
+/// first appearance.
+fn lanes(records: &[Record<'_>]) -> Vec<Vec<usize>> {
+    let mut by_key: HashMap<&str, usize> = HashMap::new();
+    let mut lanes: Vec<Vec<usize>> = Vec::new();
+    for (index, record) in records.iter().enumerate() {
+        let lane = *by_key.entry(record.partition_key).or_insert_with(|| {
+            lanes.push(Vec::new());
+            lanes.len() - 1
+        });
+        lanes[lane].push(index);
+    }
+    lanes
+}
+
+/// Processes Kinesis batches: decoding, ordering, retries, bisecting, dead letters, response.
+#[derive(Debug)]
+pub struct Processor<M, S, G = NoGate, C = SystemClock, R = ExponentialBackoff> {
+    mode: M,
+    dead_letters: DeadLetterPublisher<S, R>,
+    gate: G,
+    clock: C,
+    retry: R,
+    config: ProcessorConfig,
+}
+
+impl<H, S: DeadLetterSink> Processor<PerRecord<H>, S> {
+    /// A processor that calls `handler` once per record.
+    pub fn per_record(handler: H, dead_letters: S) -> Self {
+        Self::with_mode(PerRecord(handler), dead_letters)
+    }
+}
+
+impl<H, S: DeadLetterSink> Processor<Bisecting<H>, S> {
+    /// A processor that calls `handler` with whole batches, bisecting on permanent failure.
+    pub fn bisecting(handler: H, dead_letters: S) -> Self {
+        Self::with_mode(Bisecting(handler), dead_letters)
+    }
+}
+
+impl<M, S: DeadLetterSink> Processor<M, S> {
+    fn with_mode(mode: M, dead_letters: S) -> Self {
+        Self {
+            mode,
+            dead_letters: DeadLetterPublisher::new(dead_letters, ExponentialBackoff::default()),
+            gate: NoGate,
+            clock: SystemClock,
+            retry: ExponentialBackoff::default(),
+            config: ProcessorConfig::default(),
+        }
+    }
+}
+
+impl<M, S, G, C, R> Processor<M, S, G, C, R>
+where
+    S: DeadLetterSink,
+    R: RetryPolicy + Clone,
+{
+    pub fn config(mut self, config: ProcessorConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Admission control, typically [`crate::idempotency`].
+    pub fn gate<G2: RecordGate>(self, gate: G2) -> Processor<M, S, G2, C, R> {
+        Processor {
+            mode: self.mode,
+            dead_letters: self.dead_letters,
+            gate,
+            clock: self.clock,
+            retry: self.retry,
+            config: self.config,
+        }
+    }
+
+    pub fn clock<C2: Clock>(self, clock: C2) -> Processor<M, S, G, C2, R> {
+        Processor {
+            mode: self.mode,
+            dead_letters: self.dead_letters,
+            gate: self.gate,
+            clock,
+            retry: self.retry,
+            config: self.config,
+        }
+    }
+
+    /// The retry policy for handlers and for dead-letter sends.
+    pub fn retry<R2: RetryPolicy + Clone>(self, retry: R2) -> Processor<M, S, G, C, R2> {
+        let sink = self.dead_letters.into_sink();
+        Processor {
+            mode: self.mode,
+            dead_letters: DeadLetterPublisher::new(sink, retry.clone()),
+            gate: self.gate,
+            clock: self.clock,
+            retry,
+            config: self.config,
+        }
+    }
+
+    pub fn settings(&self) -> &ProcessorConfig {
+        &self.config
+    }
+
+    pub fn dead_letter_sink(&self) -> &S {
+        self.dead_letters.sink()
+    }
+
+    pub fn handler(&self) -> &M {
+        &self.mode
+    }
+}
+
+impl<M, S, G, C, R> Processor<M, S, G, C, R>
+where
+    M: Mode,
+    S: DeadLetterSink,
+    G: RecordGate,
+    C: Clock,
+    R: RetryPolicy + Clone,
+{
+    /// Process one Lambda Kinesis event. Fails as a whole only when the event itself is
+    /// unreadable; everything about single records is in the report.
+    pub async fn process(
+        &self,
+        event: &[u8],
+        invocation: &Invocation,
+    ) -> Result<BatchReport, EventError> {
+        let event: KinesisEvent<'_> = parse_event(event)?;
+        Ok(self.process_records(&event.records, invocation).await)
+    }
+
+    /// Process the records of an event parsed elsewhere (tumbling-window events).
+    pub async fn process_records(
+        &self,
+        event_records: &[EventRecord<'_>],
+        invocation: &Invocation,
+    ) -> BatchReport {
+        let started = Instant::now();
+        let cutoffs = Cutoffs::new(invocation.deadline, self.config.deadline_margin);
+        let decoded = DecodedBatch::decode(event_records);
+        let decoded = decoded.records(event_records);
+        let records: Vec<Record<'_>> = decoded.iter().map(|d| d.record).collect();
+        let now_ms = self.clock.now_ms();
+        let max_record_age_ms = records
+            .iter()
+            .map(|r| now_ms.saturating_sub(r.approximate_arrival_ms).max(0))
+            .max();
+
+        let mut outcomes: Vec<Outcome> = decoded
+            .iter()
+            .map(|d| match &d.error {
+                None => Outcome::Pending,
+                Some(error) => Outcome::Permanent {
+                    error: DeadLetterError {
+                        error_type: error.error_type().to_owned(),
+                        message: error.to_string(),
+                    },
+                    attempts: 0,
+                },
+            })
+            .collect();
+
+        let gate_context = GateContext {
+            function_name: &self.config.function_name,
+            request_id: &invocation.request_id,
+            deadline_ms: invocation.deadline_ms,
+        };
+        let admissions = self.gate.admit(&records, &gate_context).await;
+        for (index, admission) in admissions.into_iter().enumerate() {
+            let Some(outcome) = outcomes.get_mut(index) else {
+                break;
+            };
+            if *outcome != Outcome::Pending {
+                continue;
+            }
+            *outcome = match admission {
+                Admission::Run => Outcome::Pending,
+                Admission::AlreadyDone => Outcome::AlreadyDone,
+                Admission::DuplicateOf(first) if first < index => Outcome::DuplicateOf(first),
+                Admission::DuplicateOf(_) => Outcome::Pending,
+                Admission::Defer { reason } => Outcome::Retryable {
+                    reason,
+                    attempts: 0,
+                },
+                Admission::Reject {
+                    error_type,
+                    message,
+                } => Outcome::Permanent {
+                    error: DeadLetterError {
+                        error_type,
+                        message: format!("record {}: {message}", records[index].id()),
+                    },
+                    attempts: 0,
+                },
+            };
+        }
+        let ran: Vec<bool> = outcomes.iter().map(|o| *o == Outcome::Pending).collect();
+
+        let context = RunContext {
+            retry: &self.retry,
+            cutoffs,
+            max_concurrency: self.config.max_concurrency,
+        };
+        let handler_calls = self.mode.execute(&records, &mut outcomes, &context).await;
+
+        self.dead_letter(event_records, &records, &mut outcomes, invocation, cutoffs)
+            .await;
+        resolve_duplicates(&mut outcomes);
+        self.settle(&records, &ran, &mut outcomes, &gate_context)
+            .await;
+
+        let report = build_report(
+            &records,
+            outcomes,
+            handler_calls,
+            max_record_age_ms,
+            started,
+        );
+        info!(
+            request_id = %invocation.request_id,
+            records = report.counts.records,
+            processed = report.counts.processed,
+            already_done = report.counts.already_done,
+            dead_lettered = report.counts.dead_lettered,
+            failed = report.counts.failed(),
+            handler_calls,
+            redeliver_from = report.response.batch_item_failures.first().map(|f| f.item_identifier.as_str()),
+            "batch done"
+        );
+        report
+    }
+
+    async fn dead_letter(
+        &self,
+        event_records: &[EventRecord<'_>],
+        records: &[Record<'_>],
+        outcomes: &mut [Outcome],
+        invocation: &Invocation,
+        cutoffs: Cutoffs,
+    ) {
+        let now_seconds = self.clock.now_ms() as f64 / 1000.0;
+        let mut positions = Vec::new();
+        let mut letters = Vec::new();
+        for (index, outcome) in outcomes.iter().enumerate() {
+            let Outcome::Permanent { error, attempts } = outcome else {
+                continue;
+            };
+            let record = &records[index];
+            let data = match record.sub_sequence_number {
+                // A KPL user record: its own bytes.
+                Some(_) => {
+                    std::borrow::Cow::Owned(base64_simd::STANDARD.encode_to_string(record.data))
+                }
+                // A whole record: the field exactly as Lambda delivered it.
+                None => std::borrow::Cow::Borrowed(
+                    event_records
+                        .get(record.event_index)
+                        .map(|e| e.kinesis.data.as_ref())
+                        .unwrap_or_default(),
+                ),
+            };
+            positions.push(index);
+            letters.push(DeadLetter {
+                stream_arn: record.stream_arn,
+                shard_id: record.shard_id,
+                sequence_number: record.sequence_number.as_str(),
+                sub_sequence_number: record.sub_sequence_number,
+                partition_key: record.partition_key,
+                explicit_hash_key: record.explicit_hash_key,
+                approximate_arrival_timestamp: record.approximate_arrival_ms as f64 / 1000.0,
+                function_name: &self.config.function_name,
+                request_id: &invocation.request_id,
+                error: error.clone(),
+                attempts: *attempts,
+                data: Some(data),
+                data_truncated: false,
+                dead_lettered_at: now_seconds,
+            });
+        }
+        if letters.is_empty() {
+            return;
+        }
+        let results = self.dead_letters.publish(&letters, cutoffs.publish).await;
+        for ((index, result), letter) in positions.into_iter().zip(results).zip(letters) {
+            let record = &records[index];
+            outcomes[index] = match result {
+                Ok(()) => {
+                    warn!(shard = record.shard_id, sequence_number = %record.sequence_number,
+                        sub_sequence_number = record.sub_sequence_number,
+                        error_type = %letter.error.error_type, "record dead-lettered: {}", letter.error.message);
+                    Outcome::DeadLettered {
+                        error: letter.error,
+                        attempts: letter.attempts,
+                    }
+                }
+                Err(error) => {
+                    error!(shard = record.shard_id, sequence_number = %record.sequence_number,
+                        "dead letter not delivered, handing the record back to Lambda: {error}");
+                    Outcome::Retryable {
+                        reason: dead_letter_failure(&error),
+                        attempts: letter.attempts,
+                    }
+                }
+            };
+        }
+    }
+
+    async fn settle(
+        &self,
+        records: &[Record<'_>],
+        ran: &[bool],
+        outcomes: &mut [Outcome],
+        context: &GateContext<'_>,
+    ) {
+        let settled: Vec<Option<Settlement>> = ran
+            .iter()
+            .zip(outcomes.iter())
+            .map(|(&ran, outcome)| {
+                ran.then(|| {
+                    if outcome.is_acknowledged() {
+                        Settlement::Done
+                    } else {
+                        Settlement::Released
+                    }
+                })
+            })
+            .collect();
+        let results = self.gate.settle(records, &settled, context).await;
+        for ((index, result), settlement) in results.into_iter().enumerate().zip(&settled) {
+            if let (Err(error), Some(Settlement::Done)) = (result, settlement) {
+                let record = &records[index];
+                error!(shard = record.shard_id, sequence_number = %record.sequence_number,
+                    "completion not recorded, handing the record back to Lambda: {error}");
+                outcomes[index] = Outcome::Retryable {
+                    reason: error.to_string(),
+                    attempts: 0,
+                };
+            }
+        }
+    }
+}
+
+fn dead_letter_failure(error: &PublishError) -> String {
+    format!("DeadLetterFailed: {error}")
+}
+
+/// A duplicate settles as its first occurrence: acknowledged with it, handed back with it.
+fn resolve_duplicates(outcomes: &mut [Outcome]) {
+    for index in 0..outcomes.len() {
+        if let Outcome::DuplicateOf(first) = outcomes[index] {
+            outcomes[index] = match outcomes.get(first) {
+                Some(o) if o.is_acknowledged() => Outcome::AlreadyDone,
+                _ => Outcome::Blocked,
+            };
+        }
+    }
+}
+
+fn build_report(
+    records: &[Record<'_>],
+    outcomes: Vec<Outcome>,
+    handler_calls: u32,
+    max_record_age_ms: Option<i64>,
+    started: Instant,
+) -> BatchReport {
+    let mut counts = Counts {
+        records: records.len(),
+        ..Counts::default()
+    };
+    let mut lowest: Option<SequenceNumber<'_>> = None;
+    for (record, outcome) in records.iter().zip(&outcomes) {
+        match outcome {
+            Outcome::Processed { .. } => counts.processed += 1,
+            Outcome::AlreadyDone => counts.already_done += 1,
+            Outcome::DeadLettered { .. } => counts.dead_lettered += 1,
+            Outcome::NotStarted => counts.not_started += 1,
+            Outcome::Blocked => counts.blocked += 1,
+            // Pending and Permanent cannot remain after dead-lettering; count them as handed
+            // back rather than let a record slip through acknowledged.
+            Outcome::Retryable { .. }
+            | Outcome::Pending
+            | Outcome::Permanent { .. }
+            | Outcome::DuplicateOf(_) => counts.retryable += 1,
+        }
+        if !outcome.is_acknowledged() {
+            lowest = Some(match lowest {
+                Some(low) if low <= record.sequence_number => low,
+                _ => record.sequence_number,
+            });
+        }
+    }
+    let response = match lowest {
+        Some(sequence_number) => BatchResponse::redeliver_from(sequence_number.as_str()),
+        None => BatchResponse::all_done(),
+    };
+    BatchReport {
+        response,
+        counts,
+        handler_calls,
+        max_record_age_ms,
+        duration: started.elapsed(),
+        outcomes,
+    }
+}

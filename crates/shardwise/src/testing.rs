@@ -1,0 +1,112 @@
+//! Builders for Lambda Kinesis events, for tests and benchmarks of handlers built on Shardwise.
+//!
+//! Real sample events live in `events/`; these builders make the shapes that are easier to
+//! generate than to keep as files (thousands of records, corrupt payloads, KPL aggregates).
+
+use std::fmt::Write;
+
+/// The stream ARN the builders put on every record.
+pub const TEST_STREAM_ARN: &str = "arn:aws:kinesis:us-east-1:123456789012:stream/transactions";
+/// The shard the builders put records on unless told otherwise.
+pub const TEST_SHARD_ID: &str = "shardId-000000000000";
+
+/// One record of a test event.
+#[derive(Debug, Clone)]
+pub struct TestRecord {
+    pub shard_id: String,
+    pub partition_key: String,
+    pub sequence_number: String,
+    /// The `kinesis.data` field exactly as it will appear (base64 unless deliberately broken).
+    pub data_field: String,
+    /// Seconds since the epoch.
+    pub arrival_seconds: f64,
+}
+
+/// A record whose payload is `data`, base64-encoded as Kinesis does.
+pub fn plain(partition_key: &str, sequence_number: &str, data: &[u8]) -> TestRecord {
+    raw_data(
+        partition_key,
+        sequence_number,
+        &base64_simd::STANDARD.encode_to_string(data),
+    )
+}
+
+/// A record whose `kinesis.data` field is `data_field` verbatim (e.g. invalid base64).
+pub fn raw_data(partition_key: &str, sequence_number: &str, data_field: &str) -> TestRecord {
+    TestRecord {
+        shard_id: TEST_SHARD_ID.to_owned(),
+        partition_key: partition_key.to_owned(),
+        sequence_number: sequence_number.to_owned(),
+        data_field: data_field.to_owned(),
+        arrival_seconds: 1_700_000_000.123,
+    }
+}
+
+/// The Lambda Kinesis event JSON for `records`.
+pub fn event_json(records: &[TestRecord]) -> String {
+    let mut out = String::with_capacity(records.len() * 600 + 16);
+    out.push_str("{\"Records\":[");
+    for (i, r) in records.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        record_json(&mut out, r);
+    }
+    out.push_str("]}");
+    out
+}
+
+pub(crate) fn record_json(out: &mut String, r: &TestRecord) {
+    // Writing to a String cannot fail.
+    let _ = write!(
+        out,
+        concat!(
+            "{{\"kinesis\":{{\"kinesisSchemaVersion\":\"1.0\",\"partitionKey\":{pk},",
+            "\"sequenceNumber\":\"{seq}\",\"data\":\"{data}\",",
+            "\"approximateArrivalTimestamp\":{ts}}},",
+            "\"eventSource\":\"aws:kinesis\",\"eventVersion\":\"1.0\",",
+            "\"eventID\":\"{shard}:{seq}\",\"eventName\":\"aws:kinesis:record\",",
+            "\"invokeIdentityArn\":\"arn:aws:iam::123456789012:role/shardwise\",",
+            "\"awsRegion\":\"us-east-1\",\"eventSourceARN\":\"{arn}\"}}"
+        ),
+        pk = serde_json::Value::String(r.partition_key.clone()),
+        seq = r.sequence_number,
+        data = r.data_field,
+        ts = r.arrival_seconds,
+        shard = r.shard_id,
+        arn = TEST_STREAM_ARN,
+    );
+}
+
+/// A 56-digit sequence number for position `n`, as real Kinesis shards produce.
+pub fn sequence_number(n: u64) -> String {
+    format!("4959033827149025660855969253836157109592157598{n:010}")
+}
+
+/// A ~1 KiB JSON card transaction, the payload shape the benchmarks and examples use.
+pub fn card_transaction(n: u64) -> String {
+    format!(
+        concat!(
+            "{{\"transaction_id\":\"tx-{n:012}\",\"card_id\":\"card-{card:06}\",",
+            "\"merchant_id\":\"m-{m:05}\",\"merchant_category\":\"5411\",\"amount\":{amt}.{cents:02},",
+            "\"currency\":\"EUR\",\"country\":\"DE\",\"lat\":52.52,\"lon\":13.405,",
+            "\"timestamp\":\"2026-11-26T10:00:{s:02}Z\",\"channel\":\"pos\",",
+            "\"device\":{{\"id\":\"dev-{n:08}\",\"ip\":\"203.0.113.{ip}\",\"user_agent\":",
+            "\"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36\"}},",
+            "\"customer\":{{\"id\":\"cust-{card:06}\",\"segment\":\"retail\",\"risk_tier\":\"low\",",
+            "\"since\":\"2019-04-01\",\"email_hash\":\"5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8\"}},",
+            "\"terminal\":{{\"id\":\"term-{m:05}-01\",\"type\":\"chip\",\"entry_mode\":\"contactless\",",
+            "\"address\":\"Unter den Linden 1, 10117 Berlin\"}},",
+            "\"metadata\":{{\"source\":\"acquirer-gateway\",\"schema\":\"card-tx/v3\",\"trace\":\"{n:032x}\",",
+            "\"tags\":[\"grocery\",\"domestic\",\"chip\",\"low-value\"],\"notes\":\"",
+            "synthetic benchmark record padded to about one kibibyte of JSON, as real acquirer payloads are\"}}}}"
+        ),
+        n = n,
+        card = n % 5000,
+        m = n % 997,
+        amt = 5 + n % 200,
+        cents = n % 100,
+        s = n % 60,
+        ip = n % 250,
+    )
+}
