@@ -7,8 +7,8 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_config::retry::RetryConfig;
+use aws_config::{BehaviorVersion, Region, SdkConfig};
 
 /// SDK configuration pointing at moto, or `None` when the test should be skipped.
 ///
@@ -20,9 +20,13 @@ pub async fn moto_config() -> Option<SdkConfig> {
         Ok(endpoint) if !endpoint.is_empty() => endpoint,
         _ => {
             if std::env::var("SHARDWISE_REQUIRE_MOTO").is_ok_and(|v| v == "1") {
-                panic!("SHARDWISE_REQUIRE_MOTO=1 but SHARDWISE_MOTO_ENDPOINT is not set: run `make test`");
+                panic!(
+                    "SHARDWISE_REQUIRE_MOTO=1 but SHARDWISE_MOTO_ENDPOINT is not set: run `make test`"
+                );
             }
-            eprintln!("skipped: SHARDWISE_MOTO_ENDPOINT is not set (run `make test` to start moto)");
+            eprintln!(
+                "skipped: SHARDWISE_MOTO_ENDPOINT is not set (run `make test` to start moto)"
+            );
             return None;
         }
     };
@@ -31,7 +35,11 @@ pub async fn moto_config() -> Option<SdkConfig> {
             .endpoint_url(endpoint)
             .region(Region::new("us-east-1"))
             .credentials_provider(aws_sdk_sqs::config::Credentials::new(
-                "test", "test", None, None, "shardwise-testkit",
+                "test",
+                "test",
+                None,
+                None,
+                "shardwise-testkit",
             ))
             // moto answers some calls with 5xx; tests want to see that, not wait through retries.
             .retry_config(RetryConfig::standard().with_max_attempts(2))

@@ -12,9 +12,14 @@
 //! - **bisecting**: a failing batch handler is split until the poison records are isolated.
 //! - **dead letters** ([`dead_letter`]): permanent failures go to SQS *with their payload*;
 //!   a record that cannot be dead-lettered is handed back to Lambda, never acknowledged.
-//! - **idempotency** through a [`gate`]: batched look-ups before, batched completions after.
+//! - **idempotency** ([`idempotency`]) through a [`gate`]: batched look-ups before, batched
+//!   completions after, so effects happen once per record under at-least-once delivery.
+//! - **tumbling windows** ([`window`]): typed state carried between invocations, a final-window
+//!   hook, Lambda's 1 MB state limit respected.
 //! - **the response** ([`response`]): the lowest sequence number Lambda must redeliver.
 //! - **telemetry** ([`telemetry`], [`metrics`]): JSON logs and CloudWatch EMF metrics.
+//! - **producing** ([`producer`]): `PutRecords` within Kinesis's limits, retrying refused records;
+//!   [`transaction`] is the card-transaction payload the example functions and tools share.
 //!
 //! Everything that talks to AWS sits behind a small trait with an AWS implementation and an
 //! in-memory one, so the same processor runs in Lambda, in the local runner and in tests.
@@ -31,16 +36,22 @@ pub mod dead_letter;
 pub mod event;
 pub mod gate;
 pub mod handler;
+pub mod idempotency;
 pub mod kpl;
+#[cfg(feature = "local")]
+pub mod local;
 pub mod metrics;
 pub mod payload;
 pub mod processor;
+pub mod producer;
 pub mod record;
 pub mod response;
 pub mod retry;
 pub mod runtime;
 pub mod telemetry;
 pub mod testing;
+pub mod transaction;
+pub mod window;
 
 pub use dead_letter::{InMemoryDeadLetterSink, SqsDeadLetterSink};
 pub use handler::{BatchHandler, ErrorClass, HandlerError, RecordHandler, TypedRecord};

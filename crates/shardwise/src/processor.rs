@@ -20,7 +20,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
@@ -370,68 +370,79 @@ where
         context: &'a RunContext<'a, R>,
     ) -> u32 {
         let payloads = decode_payloads::<<H as RecordHandler<'d>>::Payload>(records, outcomes);
-        let lanes = lanes(records);
+        let lanes = Lanes::new(records);
         let before: &[Outcome] = outcomes;
         let payloads = &payloads;
         let handler = &self.0;
-        let results: Vec<(Vec<(usize, Outcome)>, u32)> = futures::stream::iter(lanes)
-            .map(|lane| async move {
-                let mut decided = Vec::new();
-                let mut calls = 0;
+        // A fixed pool of workers, each taking the next lane and running it to its end: at most
+        // `max_concurrency` keys in flight, lanes started in order of first appearance, and no
+        // allocation per lane. Workers run interleaved on this task (not spawned), so records
+        // stay borrowed. Each record's outcome is decided by its own lane only.
+        let next_lane = std::sync::Mutex::new(lanes.heads());
+        let worker = || async {
+            let mut decided: Vec<(usize, Outcome)> = Vec::new();
+            let mut calls = 0u32;
+            loop {
+                let Some(head) = lock(&next_lane).next() else {
+                    break;
+                };
                 let mut blocked = false;
-                for index in lane {
+                for index in lanes.lane(head) {
                     let current = &before[index];
-                    if *current != Outcome::Pending {
+                    let outcome = if *current != Outcome::Pending {
                         blocked |= current.blocks_key();
                         continue;
-                    }
-                    if blocked {
-                        decided.push((index, Outcome::Blocked));
-                        continue;
-                    }
-                    if context.cutoffs.past_start() {
-                        decided.push((index, Outcome::NotStarted));
-                        blocked = true;
-                        continue;
-                    }
-                    let Some(payload) = payloads[index].as_ref() else {
-                        continue;
-                    };
-                    let record = &records[index];
-                    let attempted = retry(context.retry, context.cutoffs.start, worth_retrying, || {
-                        calls += 1;
-                        guarded(handler.handle(record, payload), context.cutoffs.abandon)
-                    })
-                    .await;
-                    let outcome = match attempted.result {
-                        Ok(()) => Outcome::Processed {
-                            attempts: attempted.attempts,
-                        },
-                        Err(error) => {
-                            warn!(shard = record.shard_id, sequence_number = %record.sequence_number,
-                                sub_sequence_number = record.sub_sequence_number,
-                                error_type = error.error_type(), attempts = attempted.attempts,
-                                "record failed: {error}");
-                            failed(&error, attempted.attempts)
+                    } else if blocked {
+                        Outcome::Blocked
+                    } else if context.cutoffs.past_start() {
+                        Outcome::NotStarted
+                    } else {
+                        let Some(payload) = payloads[index].as_ref() else {
+                            continue;
+                        };
+                        let record = &records[index];
+                        let attempted =
+                            retry(context.retry, context.cutoffs.start, worth_retrying, || {
+                                calls += 1;
+                                guarded(handler.handle(record, payload), context.cutoffs.abandon)
+                            })
+                            .await;
+                        match attempted.result {
+                            Ok(()) => Outcome::Processed {
+                                attempts: attempted.attempts,
+                            },
+                            Err(error) => {
+                                warn!(shard = record.shard_id, sequence_number = %record.sequence_number,
+                                    sub_sequence_number = record.sub_sequence_number,
+                                    error_type = error.error_type(), attempts = attempted.attempts,
+                                    "record failed: {error}");
+                                failed(&error, attempted.attempts)
+                            }
                         }
                     };
                     blocked |= outcome.blocks_key();
                     decided.push((index, outcome));
                 }
-                (decided, calls)
-            })
-            .buffer_unordered(context.max_concurrency.max(1))
-            .collect()
-            .await;
+            }
+            (decided, calls)
+        };
+        let workers = context.max_concurrency.clamp(1, lanes.count().max(1));
+        let results = futures::future::join_all((0..workers).map(|_| worker())).await;
         let mut calls = 0;
-        for (decided, lane_calls) in results {
-            calls += lane_calls;
+        for (decided, worker_calls) in results {
+            calls += worker_calls;
             for (index, outcome) in decided {
                 outcomes[index] = outcome;
             }
         }
         calls
     }
+}
+
+fn lock<'m, T>(mutex: &'m std::sync::Mutex<T>) -> std::sync::MutexGuard<'m, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl<H> Mode for Bisecting<H>
@@ -522,19 +533,51 @@ where
     }
 }
 
-/// Record positions grouped by partition key, each group in stream order, groups in order of
-/// first appearance.
-fn lanes(records: &[Record<'_>]) -> Vec<Vec<usize>> {
-    let mut by_key: HashMap<&str, usize> = HashMap::new();
-    let mut lanes: Vec<Vec<usize>> = Vec::new();
-    for (index, record) in records.iter().enumerate() {
-        let lane = *by_key.entry(record.partition_key).or_insert_with(|| {
-            lanes.push(Vec::new());
-            lanes.len() - 1
-        });
-        lanes[lane].push(index);
+/// Record positions grouped by partition key, as linked lists through the batch: two
+/// allocations per batch however many keys there are.
+struct Lanes {
+    /// First record of each lane, lanes in order of first appearance.
+    heads: Vec<u32>,
+    /// The next record of the same lane, or `u32::MAX`.
+    next: Vec<u32>,
+}
+
+impl Lanes {
+    fn new(records: &[Record<'_>]) -> Self {
+        const END: u32 = u32::MAX;
+        let mut tails: HashMap<&str, u32, foldhash::fast::RandomState> =
+            HashMap::with_capacity_and_hasher(records.len().min(1024), Default::default());
+        let mut heads = Vec::new();
+        let mut next = vec![END; records.len()];
+        for (index, record) in records.iter().enumerate() {
+            // A batch holds at most 10,000 Kinesis records; KPL can multiply that, but not past
+            // u32 (a 6 MB event cannot hold 4 billion user records).
+            let index = u32::try_from(index).unwrap_or(END - 1);
+            match tails.insert(record.partition_key, index) {
+                Some(tail) => next[tail as usize] = index,
+                None => heads.push(index),
+            }
+        }
+        Self { heads, next }
     }
-    lanes
+
+    fn heads(&self) -> impl Iterator<Item = u32> + '_ {
+        self.heads.iter().copied()
+    }
+
+    fn count(&self) -> usize {
+        self.heads.len()
+    }
+
+    fn lane(&self, head: u32) -> impl Iterator<Item = usize> + '_ {
+        std::iter::successors(Some(head), |&i| {
+            self.next
+                .get(i as usize)
+                .copied()
+                .filter(|&n| n != u32::MAX)
+        })
+        .map(|i| i as usize)
+    }
 }
 
 /// Processes Kinesis batches: decoding, ordering, retries, bisecting, dead letters, response.
@@ -636,7 +679,6 @@ where
 
 impl<M, S, G, C, R> Processor<M, S, G, C, R>
 where
-    M: Mode,
     S: DeadLetterSink,
     G: RecordGate,
     C: Clock,
@@ -648,14 +690,33 @@ where
         &self,
         event: &[u8],
         invocation: &Invocation,
-    ) -> Result<BatchReport, EventError> {
+    ) -> Result<BatchReport, EventError>
+    where
+        M: Mode,
+    {
         let event: KinesisEvent<'_> = parse_event(event)?;
         Ok(self.process_records(&event.records, invocation).await)
     }
 
-    /// Process the records of an event parsed elsewhere (tumbling-window events).
+    /// Process the records of an event parsed elsewhere.
     pub async fn process_records(
         &self,
+        event_records: &[EventRecord<'_>],
+        invocation: &Invocation,
+    ) -> BatchReport
+    where
+        M: Mode,
+    {
+        self.process_records_with(&self.mode, event_records, invocation)
+            .await
+    }
+
+    /// Process records with `mode` in place of the processor's own handler: a tumbling window
+    /// ([`crate::window`]) runs a handler per invocation that collects what each record adds to
+    /// that invocation's state.
+    pub async fn process_records_with<M2: Mode>(
+        &self,
+        mode: &M2,
         event_records: &[EventRecord<'_>],
         invocation: &Invocation,
     ) -> BatchReport {
@@ -690,11 +751,27 @@ where
             deadline_ms: invocation.deadline_ms,
         };
         let admissions = self.gate.admit(&records, &gate_context).await;
+        // Records that did not decode are dead-lettered without running, but through the gate
+        // all the same: settled as done once dead-lettered, so a redelivery (the checkpoint fell
+        // before them) does not dead-letter them again.
+        let mut undecoded_ran = vec![false; outcomes.len()];
         for (index, admission) in admissions.into_iter().enumerate() {
             let Some(outcome) = outcomes.get_mut(index) else {
                 break;
             };
             if *outcome != Outcome::Pending {
+                match admission {
+                    Admission::Run => undecoded_ran[index] = true,
+                    Admission::AlreadyDone => *outcome = Outcome::AlreadyDone,
+                    Admission::Defer { reason } => {
+                        *outcome = Outcome::Retryable {
+                            reason,
+                            attempts: 0,
+                        };
+                    }
+                    // Without a key of its own it can only be dead-lettered, each time it comes.
+                    Admission::DuplicateOf(_) | Admission::Reject { .. } => {}
+                }
                 continue;
             }
             *outcome = match admission {
@@ -718,14 +795,18 @@ where
                 },
             };
         }
-        let ran: Vec<bool> = outcomes.iter().map(|o| *o == Outcome::Pending).collect();
+        let ran: Vec<bool> = outcomes
+            .iter()
+            .zip(undecoded_ran)
+            .map(|(o, undecoded)| undecoded || *o == Outcome::Pending)
+            .collect();
 
         let context = RunContext {
             retry: &self.retry,
             cutoffs,
             max_concurrency: self.config.max_concurrency,
         };
-        let handler_calls = self.mode.execute(&records, &mut outcomes, &context).await;
+        let handler_calls = mode.execute(&records, &mut outcomes, &context).await;
 
         self.dead_letter(event_records, &records, &mut outcomes, invocation, cutoffs)
             .await;

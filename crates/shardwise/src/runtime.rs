@@ -1,6 +1,7 @@
 //! The Lambda boundary: events in, partial batch responses and EMF metrics out.
 //!
-//! This is the only place that knows about `lambda_runtime`. Errors become a `Diagnostic` here
+//! This is the only place that knows about `lambda_runtime` (for plain batches and, with
+//! [`run_window`], tumbling windows). Errors become a `Diagnostic` here
 //! and nowhere else, with stable `errorType`s.
 
 use lambda_runtime::{Diagnostic, LambdaEvent, service_fn};
@@ -30,6 +31,20 @@ impl From<InvocationError> for Diagnostic {
             },
             error_message: error.to_string(),
         }
+    }
+}
+
+/// The invocation deadline in epoch milliseconds, from the `Lambda-Runtime-Deadline-Ms` header.
+///
+/// Lambda sends an epoch time; `cargo lambda watch` (1.9) sends the timeout itself (`600000`),
+/// which read as an epoch time would put the deadline in 1970 and hand every record back
+/// unstarted. A value before 2001 is therefore read as milliseconds from now.
+pub fn deadline_epoch_ms(header: u64, now_ms: i64) -> i64 {
+    let header = i64::try_from(header).unwrap_or(i64::MAX);
+    if header < 1_000_000_000_000 {
+        now_ms.saturating_add(header)
+    } else {
+        header
     }
 }
 
@@ -98,11 +113,65 @@ where
                 &StdoutMetrics,
                 namespace,
                 &event.context.request_id,
-                i64::try_from(event.context.deadline).unwrap_or(i64::MAX),
+                deadline_epoch_ms(event.context.deadline, clock.now_ms()),
                 event.payload.get().as_bytes(),
             )
             .await
         },
     ))
     .await
+}
+
+impl From<crate::window::WindowError> for Diagnostic {
+    fn from(error: crate::window::WindowError) -> Self {
+        Diagnostic {
+            error_type: error.error_type().to_owned(),
+            error_message: error.to_string(),
+        }
+    }
+}
+
+/// Run a tumbling-window processor as a Lambda function until the runtime stops.
+pub async fn run_window<H, S, G, C, R>(
+    processor: crate::window::WindowProcessor<H, S, G, C, R>,
+    clock: impl Clock,
+    namespace: &str,
+) -> Result<(), lambda_runtime::Error>
+where
+    H: for<'d> crate::window::WindowRecordHandler<'d>,
+    S: DeadLetterSink,
+    G: RecordGate,
+    C: Clock,
+    R: RetryPolicy + Clone,
+{
+    let processor = &processor;
+    let clock = &clock;
+    lambda_runtime::run(service_fn(
+        move |event: LambdaEvent<Box<RawValue>>| async move {
+            crate::window::handle_invocation(
+                processor,
+                clock,
+                &StdoutMetrics,
+                namespace,
+                &event.context.request_id,
+                deadline_epoch_ms(event.context.deadline, clock.now_ms()),
+                event.payload.get().as_bytes(),
+            )
+            .await
+        },
+    ))
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadline_headers_of_lambda_and_cargo_lambda() {
+        let now = 1_795_687_200_000;
+        assert_eq!(deadline_epoch_ms(600_000, now), now + 600_000);
+        assert_eq!(deadline_epoch_ms(1_795_687_230_000, now), 1_795_687_230_000);
+        assert_eq!(deadline_epoch_ms(u64::MAX, now), i64::MAX);
+    }
 }

@@ -1,0 +1,30 @@
+# Everyday targets. Every target here runs in CI (scripts/test.sh, through `make test`), or, for
+# those that need an AWS account, is at least expanded there with `make -n`.
+.DEFAULT_GOAL := help
+
+include mk/sam.mk
+include mk/functions.mk
+
+CARGO ?= cargo
+
+.PHONY: help test lint bench
+
+help:
+	@echo "make demo      the local pipeline: embedded stream, fraud + aggregation, generated load"
+	@echo "make test      all tests and checks (what CI runs)"
+	@echo "make lint      cargo fmt --check + clippy -D warnings"
+	@echo "make bench     hot-path and idempotency benchmarks (prints figures)"
+	@echo "make watch | invoke FN=… EVENT=…   cargo lambda watch / invoke"
+	@echo "make build | validate | deploy ENV=… | logs FN=… | delete | redrive QUEUE_URL=…   SAM"
+
+test:
+	scripts/test.sh
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# The idempotency bench counts DynamoDB calls against moto, so it runs under scripts/moto.sh.
+bench: tools
+	$(CARGO) bench -p shardwise --bench pipeline
+	PATH="$(CURDIR)/.venv/bin:$$PATH" scripts/moto.sh run $(CARGO) bench -p shardwise --bench idempotency

@@ -1,0 +1,213 @@
+//! Embedded backends: the tables and queues of a Shardwise function in one SQLite file, for the
+//! local runner (`shardwise run`, `make demo`) where there is no AWS account and no emulator.
+//!
+//! Each backend implements the *same* trait as its AWS counterpart, so a function's `main.rs`
+//! swaps `DynamoDbIdempotencyStore` for [`SqliteIdempotencyStore`], `SqsDeadLetterSink` for
+//! [`SqliteQueue`], and so on, and nothing else changes:
+//!
+//! | AWS                          | here                                  | trait |
+//! |------------------------------|---------------------------------------|-------|
+//! | DynamoDB idempotency table   | [`SqliteIdempotencyStore`]            | [`crate::idempotency::IdempotencyStore`] |
+//! | SQS queue (dead letters, alerts, on-failure) | [`SqliteQueue`]       | [`crate::dead_letter::DeadLetterSink`] |
+//! | DynamoDB canary table        | [`SqliteCanaryAckStore`]              | [`crate::transaction::CanaryAckStore`] |
+//! | any other DynamoDB table     | [`SqliteTable`]: items as attribute maps, conditional puts | (functions adapt their own store traits to it) |
+//!
+//! # Several processes, one file
+//! The local runner starts one process per function instance, as Lambda does, and they all open
+//! the same file. SQLite in WAL mode lets readers run beside one writer; a writer that finds the
+//! file locked waits ([`BUSY_TIMEOUT`]) instead of failing. Every multi-row change is one
+//! transaction, which gives the all-or-nothing `TransactWriteItems` semantics the idempotency
+//! claim relies on. Calls are synchronous and short (microseconds to a few milliseconds), so
+//! they run on the caller's task rather than a blocking pool.
+//!
+//! # Chosen explicitly, never as a fallback
+//! [`Backend::from_env`] reads `SHARDWISE_BACKEND` (`aws`, the default, or `local`) and, for
+//! `local`, requires `SHARDWISE_LOCAL_DB`. A function never drops to SQLite because AWS is
+//! unreachable: in Lambda that would acknowledge records into a file that disappears with the
+//! sandbox. This module only exists with the crate feature `local`, which the Lambda builds
+//! leave off (no SQLite in the deployed bootstrap).
+
+mod idempotency;
+mod queue;
+mod table;
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rusqlite::Connection;
+
+use crate::config::{ConfigError, Env, EnvSource};
+
+pub use idempotency::SqliteIdempotencyStore;
+pub use queue::{QueueMessage, SqliteQueue};
+pub use table::{
+    Condition, PutResult, SqliteCanaryAckStore, SqliteTable, item_from_json, item_to_json,
+};
+
+/// How long a writer waits for another process's transaction before giving up.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Queue names the runner and the functions agree on.
+pub mod queues {
+    /// Our dead letters, with payloads (`DEAD_LETTER_QUEUE_URL` in AWS).
+    pub const DEAD_LETTERS: &str = "dead-letters";
+    /// Lambda's on-failure destination records (metadata only), written by the runner.
+    pub const ON_FAILURE: &str = "on-failure";
+    /// Fraud alerts (`ALERTS_QUEUE_URL` in AWS).
+    pub const ALERTS: &str = "alerts";
+}
+
+/// A failed local store call.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LocalError {
+    #[error("local database {path}: {source}")]
+    Sqlite {
+        path: String,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("local database {path}: {message}")]
+    Corrupt { path: String, message: String },
+}
+
+/// One SQLite file holding every local table and queue.
+#[derive(Debug)]
+pub struct LocalDb {
+    path: PathBuf,
+    conn: Mutex<Connection>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS idempotency (
+    key TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    expires_at INTEGER NOT NULL,
+    payload_hash TEXT,
+    request_id TEXT
+);
+CREATE TABLE IF NOT EXISTS queue_messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL,
+    body TEXT NOT NULL,
+    sent_at_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS queue_messages_by_queue ON queue_messages (queue, id);
+CREATE TABLE IF NOT EXISTS items (
+    tbl TEXT NOT NULL,
+    id TEXT NOT NULL,
+    doc TEXT NOT NULL,
+    PRIMARY KEY (tbl, id)
+);
+";
+
+impl LocalDb {
+    /// Open (creating if needed) the database at `path`, in WAL mode with a busy timeout.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, LocalError> {
+        let path = path.as_ref().to_path_buf();
+        let wrap = |source| LocalError::Sqlite {
+            path: path.display().to_string(),
+            source,
+        };
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(|e| LocalError::Corrupt {
+                path: path.display().to_string(),
+                message: format!("cannot create {}: {e}", parent.display()),
+            })?;
+        }
+        let conn = Connection::open(&path).map_err(wrap)?;
+        conn.busy_timeout(BUSY_TIMEOUT).map_err(wrap)?;
+        // WAL: readers never block the writer; NORMAL sync is durable across process crashes
+        // (what the runner's kill tests need), just not across power loss.
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(wrap)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(wrap)?;
+        conn.execute_batch(SCHEMA).map_err(wrap)?;
+        Ok(Self {
+            path,
+            conn: Mutex::new(conn),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Run `f` on the connection (one process-wide lock: SQLite serializes writers anyway).
+    pub fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, LocalError> {
+        let mut conn = crate::dead_letter::lock(&self.conn);
+        f(&mut conn).map_err(|source| LocalError::Sqlite {
+            path: self.path.display().to_string(),
+            source,
+        })
+    }
+}
+
+/// Which implementation of the AWS-facing traits a function uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// DynamoDB and SQS through the SDK (Lambda, moto).
+    Aws,
+    /// The SQLite file at this path.
+    Local { path: PathBuf },
+}
+
+impl Backend {
+    /// `SHARDWISE_BACKEND` = `aws` (default) | `local`; `local` requires `SHARDWISE_LOCAL_DB`.
+    pub fn from_env(env: &Env<impl EnvSource>) -> Result<Self, ConfigError> {
+        match env.string_or("SHARDWISE_BACKEND", "aws").as_str() {
+            "aws" => Ok(Self::Aws),
+            "local" => Ok(Self::Local {
+                path: PathBuf::from(env.required(
+                    "SHARDWISE_LOCAL_DB",
+                    "the SQLite file of the local backends (SHARDWISE_BACKEND=local)",
+                )?),
+            }),
+            other => Err(ConfigError::Invalid {
+                name: "SHARDWISE_BACKEND".to_owned(),
+                value: other.to_owned(),
+                expected: "aws or local".to_owned(),
+            }),
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    #[test]
+    fn the_backend_is_chosen_explicitly() {
+        let env = Env(HashMap::<&str, &str>::new());
+        assert_eq!(Backend::from_env(&env).unwrap(), Backend::Aws);
+        let env = Env(HashMap::from([("SHARDWISE_BACKEND", "local")]));
+        let err = Backend::from_env(&env).unwrap_err().to_string();
+        assert!(err.contains("SHARDWISE_LOCAL_DB"), "{err}");
+        let env = Env(HashMap::from([
+            ("SHARDWISE_BACKEND", "local"),
+            ("SHARDWISE_LOCAL_DB", "/tmp/x.db"),
+        ]));
+        assert_eq!(
+            Backend::from_env(&env).unwrap(),
+            Backend::Local {
+                path: "/tmp/x.db".into()
+            }
+        );
+        let env = Env(HashMap::from([("SHARDWISE_BACKEND", "sqlite")]));
+        assert!(Backend::from_env(&env).is_err());
+    }
+}

@@ -1,0 +1,578 @@
+//! `fraud`: scores card transactions from the stream against each card's history and sends an
+//! alert to SQS for the suspicious ones, once per transaction.
+//!
+//! - [`rules`]: the rules (velocity, impossible travel, amount anomaly, blocklists), pure.
+//! - [`state`]: card history in DynamoDB, read and written once per batch, guarded by sequence
+//!   number so a redelivered record never moves a card backwards, with an outbox of alerts.
+//! - [`alert`]: the alert message and the SQS queue.
+//! - [`FraudHandler`]: the [`BatchHandler`] tying them together; run with
+//!   [`Processor::bisecting`], so one poison record is isolated without losing the batch I/O.
+//! - [`FraudSettings`]: everything read from the environment (see the README for the variables).
+//!
+//! Canary records on the stream are acknowledged to the canary table, not scored.
+//!
+//! # Why a batch handler
+//! A card's history must be read before its transactions are scored and written after. Per record
+//! that is two DynamoDB calls a record; per batch it is one `BatchGetItem` and one
+//! `TransactWriteItems` per 100 cards. Transactions of one card are applied in stream order within
+//! the batch, each scored against the profile its predecessors left.
+
+pub mod alert;
+pub mod rules;
+pub mod state;
+
+use std::collections::{HashMap, HashSet};
+
+use serde::Deserialize;
+use shardwise::clock::Clock;
+use shardwise::config::{CommonSettings, ConfigError, Env, EnvSource};
+use shardwise::dead_letter::DeadLetterSink;
+use shardwise::payload::{FromRecordData, PayloadError, PayloadErrorKind};
+use shardwise::processor::Bisecting;
+use shardwise::retry::{ExponentialBackoff, retry};
+use shardwise::transaction::{CanaryAck, CanaryAckStore, StreamPayload, Timestamp, Transaction};
+use shardwise::{BatchHandler, HandlerError, Processor, Record, TypedRecord};
+use tracing::{info, warn};
+
+use crate::alert::{Alert, AlertSink, OutgoingAlert};
+use crate::rules::{AmountRule, Blocklist, CardRange, RuleSet, TravelRule, VelocityRule};
+use crate::state::{AppliedPosition, CardState, CardStateStore, StateError};
+
+/// The consumer name this function acknowledges canaries under.
+pub const CONSUMER: &str = "fraud";
+
+/// The function's settings, from the environment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FraudSettings {
+    pub common: CommonSettings,
+    /// `ALERTS_QUEUE_URL` (required).
+    pub alerts_queue_url: String,
+    /// `CARD_STATE_TABLE` (required).
+    pub card_state_table: String,
+    /// `CANARY_TABLE` (required).
+    pub canary_table: String,
+    /// `FRAUD_CARD_STATE_TTL_DAYS`, default 90; 0 keeps card history forever.
+    pub card_state_ttl_seconds: Option<i64>,
+    pub rules: RuleSet,
+}
+
+impl FraudSettings {
+    pub fn from_env(env: &Env<impl EnvSource>) -> Result<Self, ConfigError> {
+        let common = CommonSettings::from_env(env)?;
+        let defaults = RuleSet::default();
+        let invalid = |name: &str, value: String, expected: &str| ConfigError::Invalid {
+            name: name.to_owned(),
+            value,
+            expected: expected.to_owned(),
+        };
+        let positive = |name: &str, default: f64| -> Result<f64, ConfigError> {
+            let value = env.parse_or(name, default, "a positive number")?;
+            if value.is_finite() && value > 0.0 {
+                Ok(value)
+            } else {
+                Err(invalid(name, value.to_string(), "a positive number"))
+            }
+        };
+        let score = |name: &str, default: u32| env.parse_or(name, default, "a whole number from 0");
+        let window_seconds: u32 = env.parse_or(
+            "FRAUD_VELOCITY_WINDOW_SECONDS",
+            300,
+            "seconds, a whole number from 1",
+        )?;
+        if window_seconds == 0 {
+            return Err(invalid(
+                "FRAUD_VELOCITY_WINDOW_SECONDS",
+                "0".into(),
+                "seconds, a whole number from 1",
+            ));
+        }
+        let merchants: HashSet<String> = env
+            .string_or("FRAUD_BLOCKED_MERCHANTS", "")
+            .split(',')
+            .map(str::trim)
+            .filter(|m| !m.is_empty())
+            .map(str::to_owned)
+            .collect();
+        let card_ranges = env
+            .string_or("FRAUD_BLOCKED_CARD_PREFIXES", "")
+            .split(',')
+            .map(str::trim)
+            .filter(|r| !r.is_empty())
+            .map(|r| {
+                CardRange::parse(r).ok_or_else(|| {
+                    invalid(
+                        "FRAUD_BLOCKED_CARD_PREFIXES",
+                        r.to_owned(),
+                        "comma-separated digit prefixes (412345) or ranges of equal length (400000-400099)",
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let ttl_days: u32 =
+            env.parse_or("FRAUD_CARD_STATE_TTL_DAYS", 90, "days, a whole number")?;
+
+        Ok(Self {
+            alerts_queue_url: env.required(
+                "ALERTS_QUEUE_URL",
+                "the SQS queue URL fraud alerts are sent to",
+            )?,
+            card_state_table: env.required(
+                "CARD_STATE_TABLE",
+                "the DynamoDB table of card histories (partition key card_id)",
+            )?,
+            canary_table: env.required(
+                "CANARY_TABLE",
+                "the DynamoDB table canary records are acknowledged in",
+            )?,
+            card_state_ttl_seconds: (ttl_days > 0).then(|| i64::from(ttl_days) * 86_400),
+            rules: RuleSet {
+                threshold: score("FRAUD_SCORE_THRESHOLD", defaults.threshold)?,
+                velocity: VelocityRule {
+                    max_transactions: env.parse_or(
+                        "FRAUD_VELOCITY_MAX_TX",
+                        defaults.velocity.max_transactions,
+                        "a whole number",
+                    )?,
+                    window_ms: i64::from(window_seconds) * 1000,
+                    score: score("FRAUD_VELOCITY_SCORE", defaults.velocity.score)?,
+                },
+                travel: TravelRule {
+                    max_kmh: positive("FRAUD_TRAVEL_MAX_KMH", defaults.travel.max_kmh)?,
+                    min_km: positive("FRAUD_TRAVEL_MIN_KM", defaults.travel.min_km)?,
+                    score: score("FRAUD_TRAVEL_SCORE", defaults.travel.score)?,
+                },
+                amount: AmountRule {
+                    min_history: env.parse_or(
+                        "FRAUD_AMOUNT_MIN_HISTORY",
+                        defaults.amount.min_history,
+                        "a whole number",
+                    )?,
+                    z_threshold: positive("FRAUD_AMOUNT_Z_THRESHOLD", defaults.amount.z_threshold)?,
+                    log_std_floor: positive(
+                        "FRAUD_AMOUNT_LOG_STD_FLOOR",
+                        defaults.amount.log_std_floor,
+                    )?,
+                    min_amount: positive("FRAUD_AMOUNT_MIN", defaults.amount.min_amount)?,
+                    score: score("FRAUD_AMOUNT_SCORE", defaults.amount.score)?,
+                },
+                blocklist: Blocklist {
+                    merchants,
+                    card_ranges,
+                    merchant_score: score(
+                        "FRAUD_BLOCKED_MERCHANT_SCORE",
+                        defaults.blocklist.merchant_score,
+                    )?,
+                    card_score: score("FRAUD_BLOCKED_CARD_SCORE", defaults.blocklist.card_score)?,
+                },
+            },
+            common,
+        })
+    }
+}
+
+/// The payload the fraud function accepts: a stream payload whose transaction is also plausible
+/// (coordinates on Earth, ids not empty). An implausible one is a wrong-shape payload, dead-lettered
+/// before the handler runs, so it can never fail (and bisect) a whole batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FraudPayload<'d>(pub StreamPayload<'d>);
+
+impl<'d> FromRecordData<'d> for FraudPayload<'d> {
+    fn from_record_data(data: &'d [u8]) -> Result<Self, PayloadError> {
+        let payload = StreamPayload::from_record_data(data)?;
+        if let StreamPayload::Transaction(tx) = &payload {
+            let wrong = |path: &str, message: String| PayloadError {
+                kind: PayloadErrorKind::WrongShape,
+                path: path.to_owned(),
+                message,
+            };
+            if !(-90.0..=90.0).contains(&tx.lat) {
+                return Err(wrong(
+                    "lat",
+                    format!("latitude {} is not within -90..90", tx.lat),
+                ));
+            }
+            if !(-180.0..=180.0).contains(&tx.lon) {
+                return Err(wrong(
+                    "lon",
+                    format!("longitude {} is not within -180..180", tx.lon),
+                ));
+            }
+            if tx.card_id.is_empty() {
+                return Err(wrong("card_id", "card_id is empty".into()));
+            }
+            if tx.transaction_id.is_empty() {
+                return Err(wrong("transaction_id", "transaction_id is empty".into()));
+            }
+        }
+        Ok(Self(payload))
+    }
+}
+
+/// Scores a batch: reads the cards' histories, applies the batch's transactions in order, writes
+/// the histories back, sends the alerts, acknowledges canaries.
+#[derive(Debug)]
+pub struct FraudHandler<S, A, K, C> {
+    store: S,
+    alerts: A,
+    canaries: K,
+    clock: C,
+    rules: RuleSet,
+    /// Retries of the outbox update after alerts went out (a failure there means a duplicate).
+    outbox_retry: ExponentialBackoff,
+}
+
+impl<S, A, K, C> FraudHandler<S, A, K, C> {
+    pub fn new(store: S, alerts: A, canaries: K, clock: C, rules: RuleSet) -> Self {
+        Self {
+            store,
+            alerts,
+            canaries,
+            clock,
+            rules,
+            outbox_retry: ExponentialBackoff {
+                max_retries: 3,
+                ..ExponentialBackoff::default()
+            },
+        }
+    }
+
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    pub fn alerts(&self) -> &A {
+        &self.alerts
+    }
+
+    pub fn canaries(&self) -> &K {
+        &self.canaries
+    }
+
+    pub fn rules(&self) -> &RuleSet {
+        &self.rules
+    }
+}
+
+/// The processor the fraud function runs: batches bisected on permanent failure.
+pub fn processor<S, A, K, C, D>(
+    handler: FraudHandler<S, A, K, C>,
+    dead_letters: D,
+    common: &CommonSettings,
+) -> Processor<Bisecting<FraudHandler<S, A, K, C>>, D>
+where
+    D: DeadLetterSink,
+{
+    Processor::bisecting(handler, dead_letters).config(common.processor_config())
+}
+
+fn state_failure(error: &StateError) -> HandlerError {
+    match error {
+        StateError::Conflict { .. } => {
+            HandlerError::retryable(error.to_string()).with_type("CardStateConflict")
+        }
+        StateError::Unavailable(_) => {
+            HandlerError::retryable(error.to_string()).with_type("CardStateUnavailable")
+        }
+        // Retrying in this invocation will not help, but the records must not be acknowledged or
+        // dead-lettered for a table problem either: Lambda retries them, and the alarms fire.
+        _ => HandlerError::retryable(error.to_string()).with_type("CardStateRejected"),
+    }
+}
+
+/// Ids read back from an alert body, for the queue's group and deduplication ids.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AlertIds<'a> {
+    #[serde(borrow)]
+    transaction_id: std::borrow::Cow<'a, str>,
+}
+
+/// What one batch did, for the log line.
+#[derive(Debug, Default)]
+struct BatchSummary {
+    transactions: usize,
+    already_applied: usize,
+    duplicates: usize,
+    alerts_decided: usize,
+    alerts_sent: usize,
+    canaries: usize,
+}
+
+impl<'d, S, A, K, C> BatchHandler<'d> for FraudHandler<S, A, K, C>
+where
+    S: CardStateStore,
+    A: AlertSink,
+    K: CanaryAckStore,
+    C: Clock,
+{
+    type Payload = FraudPayload<'d>;
+
+    async fn handle_batch(
+        &self,
+        batch: &[TypedRecord<'_, 'd, FraudPayload<'d>>],
+    ) -> Result<(), HandlerError> {
+        let now_ms = self.clock.now_ms();
+        let mut summary = BatchSummary::default();
+
+        // Transactions grouped by card, each group in stream order.
+        let mut acks = Vec::new();
+        let mut cards: Vec<(&str, Vec<(&Record<'d>, &Transaction<'d>)>)> = Vec::new();
+        let mut slots: HashMap<&str, usize> = HashMap::new();
+        for item in batch {
+            match &item.payload.0 {
+                StreamPayload::Canary(canary) => acks.push(CanaryAck {
+                    canary_id: canary.canary_id.to_string(),
+                    consumer: CONSUMER.to_owned(),
+                    sent_at: canary.sent_at,
+                    acked_at: now_ms,
+                }),
+                StreamPayload::Transaction(tx) => {
+                    let card: &str = &tx.card_id;
+                    let slot = *slots.entry(card).or_insert_with(|| {
+                        cards.push((card, Vec::new()));
+                        cards.len() - 1
+                    });
+                    cards[slot].1.push((item.record, tx));
+                    summary.transactions += 1;
+                }
+            }
+        }
+        summary.canaries = acks.len();
+
+        let mut failure: Option<HandlerError> = None;
+        if !cards.is_empty() {
+            let ids: Vec<&str> = cards.iter().map(|(id, _)| *id).collect();
+            let loaded = self.store.load(&ids).await.map_err(|e| state_failure(&e))?;
+
+            let mut changed = Vec::new();
+            let mut outbox = Vec::new();
+            for ((card_id, txs), stored) in cards.iter().zip(loaded) {
+                let mut state = stored.unwrap_or_else(|| CardState::new(*card_id));
+                let before = state.last_applied.clone();
+                for &(record, tx) in txs {
+                    if state
+                        .last_applied
+                        .as_ref()
+                        .is_some_and(|p| p.covers(record))
+                    {
+                        summary.already_applied += 1;
+                        continue;
+                    }
+                    if state.profile.has_seen(&tx.transaction_id) {
+                        // The same transaction in another record (a producer retry).
+                        state.last_applied = Some(AppliedPosition::of(record));
+                        summary.duplicates += 1;
+                        continue;
+                    }
+                    let reasons = rules::score(&self.rules, &state.profile, tx);
+                    rules::apply(&self.rules, &mut state.profile, tx);
+                    state.last_applied = Some(AppliedPosition::of(record));
+                    let score = rules::total(&reasons);
+                    if score >= self.rules.threshold && score > 0 {
+                        let alert = Alert {
+                            transaction_id: tx.transaction_id.to_string(),
+                            card_id: tx.card_id.to_string(),
+                            score,
+                            reasons,
+                            detected_at: Timestamp::from_epoch_millis(now_ms).to_rfc3339(),
+                            merchant_id: tx.merchant_id.to_string(),
+                            amount: tx.amount,
+                            currency: tx.currency.to_string(),
+                            transaction_timestamp: tx.timestamp.to_rfc3339(),
+                        };
+                        let body = serde_json::to_string(&alert).map_err(|e| {
+                            HandlerError::permanent(format!("alert not serializable: {e}"))
+                        })?;
+                        state.pending_alerts.push(body);
+                        summary.alerts_decided += 1;
+                    }
+                }
+                if state.last_applied != before {
+                    changed.push(state);
+                } else if !state.pending_alerts.is_empty() {
+                    // Nothing new, but alerts of an earlier delivery were never confirmed sent.
+                    outbox.push(state);
+                }
+            }
+
+            let results = if changed.is_empty() {
+                Vec::new()
+            } else {
+                self.store.save(&changed, now_ms).await
+            };
+            for (mut state, result) in changed.into_iter().zip(results) {
+                match result {
+                    Ok(()) => {
+                        state.version += 1;
+                        if !state.pending_alerts.is_empty() {
+                            outbox.push(state);
+                        }
+                    }
+                    Err(error) => {
+                        warn!(card_id = %state.card_id, "card state not written: {error}");
+                        failure.get_or_insert_with(|| state_failure(&error));
+                    }
+                }
+            }
+
+            if !outbox.is_empty() {
+                let (sent, error) = self.flush(&outbox).await;
+                summary.alerts_sent = sent;
+                if let Some(error) = error {
+                    failure.get_or_insert(error);
+                }
+            }
+        }
+
+        if !acks.is_empty()
+            && let Err(error) = self.canaries.acknowledge(&acks).await
+        {
+            warn!("canary acknowledgements not written: {error}");
+            failure.get_or_insert_with(|| {
+                HandlerError::retryable(error.to_string()).with_type("CanaryAckFailed")
+            });
+        }
+
+        info!(
+            records = batch.len(),
+            transactions = summary.transactions,
+            already_applied = summary.already_applied,
+            duplicate_transactions = summary.duplicates,
+            alerts_decided = summary.alerts_decided,
+            alerts_sent = summary.alerts_sent,
+            canaries = summary.canaries,
+            "fraud batch scored"
+        );
+        failure.map_or(Ok(()), Err)
+    }
+}
+
+impl<S, A, K, C> FraudHandler<S, A, K, C>
+where
+    S: CardStateStore,
+    A: AlertSink,
+{
+    /// Send the outboxes of `states` (at their stored versions), then keep in each outbox only
+    /// what was not sent. Returns the number sent and the error to report, if any.
+    async fn flush(&self, states: &[CardState]) -> (usize, Option<HandlerError>) {
+        let mut outgoing = Vec::new();
+        for state in states {
+            for body in &state.pending_alerts {
+                let transaction_id = serde_json::from_str::<AlertIds<'_>>(body)
+                    .map(|ids| ids.transaction_id)
+                    .unwrap_or_default();
+                outgoing.push((transaction_id, state.card_id.as_str(), body.as_str()));
+            }
+        }
+        let alerts: Vec<OutgoingAlert<'_>> = outgoing
+            .iter()
+            .map(|(transaction_id, card_id, body)| OutgoingAlert {
+                transaction_id,
+                card_id,
+                body,
+            })
+            .collect();
+        let results = self.alerts.send(&alerts).await;
+
+        let mut error = None;
+        let mut sent = 0;
+        let mut results = results.into_iter();
+        for state in states {
+            let mut unsent = Vec::new();
+            for body in &state.pending_alerts {
+                match results.next() {
+                    Some(Ok(())) => sent += 1,
+                    Some(Err(failure)) => {
+                        warn!(card_id = %state.card_id, "alert not sent: {failure}");
+                        error.get_or_insert_with(|| {
+                            HandlerError::retryable(failure.to_string()).with_type("AlertNotSent")
+                        });
+                        unsent.push(body.clone());
+                    }
+                    None => unsent.push(body.clone()),
+                }
+            }
+            if unsent.len() == state.pending_alerts.len() {
+                continue;
+            }
+            let cleared = retry(
+                &self.outbox_retry,
+                None,
+                |e: &StateError| matches!(e, StateError::Unavailable(_)),
+                || {
+                    self.store
+                        .set_pending_alerts(&state.card_id, state.version, &unsent)
+                },
+            )
+            .await;
+            if let Err(failure) = cleared.result {
+                // The alerts went out but stay in the outbox: the next delivery of this card's
+                // records sends them again. Said loudly, since that is a duplicate alert.
+                warn!(card_id = %state.card_id, "sent alerts not cleared from the outbox: {failure}");
+                if !matches!(failure, StateError::Conflict { .. }) {
+                    error.get_or_insert_with(|| state_failure(&failure));
+                }
+            }
+        }
+        (sent, error)
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_need_the_tables_and_queue_and_name_what_is_missing() {
+        let mut vars = HashMap::from([
+            ("DEAD_LETTER_QUEUE_URL", "http://dlq"),
+            ("ALERTS_QUEUE_URL", "http://alerts"),
+            ("CARD_STATE_TABLE", "cards"),
+        ]);
+        let err = FraudSettings::from_env(&Env(vars.clone())).unwrap_err();
+        assert!(err.to_string().contains("CANARY_TABLE"), "{err}");
+        vars.insert("CANARY_TABLE", "canaries");
+        let settings = FraudSettings::from_env(&Env(vars.clone())).unwrap();
+        assert_eq!(settings.rules, RuleSet::default());
+        assert_eq!(settings.card_state_ttl_seconds, Some(90 * 86_400));
+
+        vars.insert("FRAUD_BLOCKED_MERCHANTS", " m-1, ,m-2 ");
+        vars.insert("FRAUD_BLOCKED_CARD_PREFIXES", "412345,400000-400099");
+        vars.insert("FRAUD_VELOCITY_WINDOW_SECONDS", "60");
+        vars.insert("FRAUD_CARD_STATE_TTL_DAYS", "0");
+        let settings = FraudSettings::from_env(&Env(vars.clone())).unwrap();
+        assert_eq!(settings.rules.blocklist.merchants.len(), 2);
+        assert_eq!(settings.rules.blocklist.card_ranges.len(), 2);
+        assert_eq!(settings.rules.velocity.window_ms, 60_000);
+        assert_eq!(settings.card_state_ttl_seconds, None);
+
+        for (name, value) in [
+            ("FRAUD_BLOCKED_CARD_PREFIXES", "41x"),
+            ("FRAUD_TRAVEL_MAX_KMH", "-1"),
+            ("FRAUD_VELOCITY_WINDOW_SECONDS", "0"),
+            ("FRAUD_SCORE_THRESHOLD", "high"),
+        ] {
+            let mut bad = vars.clone();
+            bad.insert(name, value);
+            let err = FraudSettings::from_env(&Env(bad)).unwrap_err();
+            assert!(err.to_string().contains(name), "{err}");
+        }
+    }
+
+    #[test]
+    fn implausible_transactions_are_refused_at_decode() {
+        let tx = |lat: &str| {
+            format!(
+                r#"{{"transaction_id":"t","card_id":"c","merchant_id":"m","merchant_category":"5411",
+                "amount":1,"currency":"EUR","country":"DE","lat":{lat},"lon":0,
+                "timestamp":"2026-01-01T00:00:00Z","channel":"pos"}}"#
+            )
+        };
+        assert!(FraudPayload::from_record_data(tx("45").as_bytes()).is_ok());
+        let err = FraudPayload::from_record_data(tx("95").as_bytes()).unwrap_err();
+        assert_eq!(err.path, "lat");
+        assert_eq!(err.kind, PayloadErrorKind::WrongShape);
+        assert!(FraudPayload::from_record_data(br#"{"canary_id":"c","sent_at":1}"#).is_ok());
+    }
+}

@@ -1,0 +1,78 @@
+# Proof targets (issue 7): the long property run and the fuzzers. Included by the top-level
+# Makefile (`include mk/proof.mk`). docs/proof.md says what each checks and what the last runs
+# found.
+#
+#   make proptest                  the property suites as CI runs them (debug, modest case counts)
+#   make proptest-long             the processor under faults over >= 10,000 generated batches
+#                                  (release; PROPTEST_LONG_CASES per mode, default 10,000; batches up to 10,000 records)
+#   make fuzz-build                the libFuzzer binaries, on the stable toolchain
+#   make fuzz [FUZZ_SECONDS=600]   each target in turn for FUZZ_SECONDS, one core, niced
+#   make fuzz-check                each target over its seeds and saved corpus only (a replay,
+#                                  a few seconds once built)
+#
+# Fuzzing on stable: cargo-fuzz's default flags need nightly (-Zsanitizer), but the coverage
+# instrumentation libFuzzer needs is plain LLVM passes that stable rustc accepts. This file sets
+# those flags itself (what `cargo fuzz run -s none` sets), with `--target` so that build scripts
+# and proc macros stay uninstrumented. No sanitizer runs (ASan needs nightly); the harness
+# bounds every single allocation itself (fuzz/src/lib.rs) and libFuzzer bounds RSS and time.
+
+PROOF_ROOT := $(abspath $(dir $(lastword $(MAKEFILE_LIST)))/..)
+PROOF_CARGO_ENV := CARGO_TARGET_DIR=$${CARGO_TARGET_DIR:-$(PROOF_ROOT)/target}
+PROPTEST_LONG_CASES ?= 10000
+PROPTEST_LONG_MAX_RECORDS ?= 10000
+
+FUZZ_DIR := $(PROOF_ROOT)/fuzz
+FUZZ_TARGET_DIR ?= $(FUZZ_DIR)/target
+FUZZ_TRIPLE := $(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')
+FUZZ_TARGETS ?= event kpl window_state
+FUZZ_SECONDS ?= 600
+FUZZ_BIN = $(FUZZ_TARGET_DIR)/$(FUZZ_TRIPLE)/release
+, := ,
+# RUSTFLAGS replaces the target rustflags of .cargo/config.toml, so its CPU features are
+# repeated here: the fuzzed code is the code that ships (sonic-rs picks SIMD paths at compile
+# time).
+FUZZ_CPU_FLAGS := $(if $(findstring x86_64,$(FUZZ_TRIPLE)),-Ctarget-feature=+avx2$(,)+bmi1$(,)+bmi2$(,)+fma$(,)+lzcnt$(,)+pclmulqdq$(,)+popcnt$(,)+sse4.2)
+FUZZ_RUSTFLAGS := -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
+  -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
+  -Cllvm-args=-sanitizer-coverage-trace-compares -Cllvm-args=-sanitizer-coverage-stack-depth \
+  --cfg fuzzing $(FUZZ_CPU_FLAGS)
+# Per target: the longest input (a KPL aggregate needs room for many user records).
+FUZZ_MAX_LEN_event := 16384
+FUZZ_MAX_LEN_kpl := 65536
+FUZZ_MAX_LEN_window_state := 16384
+FUZZ_FLAGS = -rss_limit_mb=1024 -timeout=10 -print_final_stats=1
+
+.PHONY: proptest proptest-long fuzz-build fuzz-seeds fuzz fuzz-check
+
+proptest:
+	cd $(PROOF_ROOT) && $(PROOF_CARGO_ENV) cargo test -p shardwise \
+	  --test prop_processor --test prop_decoders -- --nocapture
+
+proptest-long:
+	cd $(PROOF_ROOT) && $(PROOF_CARGO_ENV) PROPTEST_CASES=$(PROPTEST_LONG_CASES) \
+	  SHARDWISE_PROP_MAX_RECORDS=$(PROPTEST_LONG_MAX_RECORDS) \
+	  cargo test --release -p shardwise --test prop_processor -- --nocapture --test-threads 1
+
+fuzz-build:
+	cd $(FUZZ_DIR) && CARGO_TARGET_DIR=$(FUZZ_TARGET_DIR) RUSTFLAGS="$(FUZZ_RUSTFLAGS)" \
+	  nice cargo build --release --locked --target $(FUZZ_TRIPLE) --bins
+
+fuzz-seeds: fuzz-build
+	SHARDWISE_FUZZ_SEEDS=$(FUZZ_DIR)/seeds $(FUZZ_BIN)/event
+
+fuzz: fuzz-seeds
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p $(FUZZ_DIR)/corpus/$$t $(FUZZ_DIR)/artifacts/$$t; \
+	  echo "==> fuzz $$t for $(FUZZ_SECONDS) s"; \
+	  case $$t in event) len=$(FUZZ_MAX_LEN_event);; kpl) len=$(FUZZ_MAX_LEN_kpl);; *) len=$(FUZZ_MAX_LEN_window_state);; esac; \
+	  nice -n 10 $(FUZZ_BIN)/$$t $(FUZZ_FLAGS) -max_len=$$len -max_total_time=$(FUZZ_SECONDS) \
+	    -artifact_prefix=$(FUZZ_DIR)/artifacts/$$t/ \
+	    $(FUZZ_DIR)/corpus/$$t $(FUZZ_DIR)/seeds/$$t || exit 1; \
+	done
+
+fuzz-check: fuzz-seeds
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p $(FUZZ_DIR)/corpus/$$t; \
+	  echo "==> replay $$t"; \
+	  $(FUZZ_BIN)/$$t $(FUZZ_FLAGS) -runs=0 $(FUZZ_DIR)/corpus/$$t $(FUZZ_DIR)/seeds/$$t || exit 1; \
+	done
