@@ -4,6 +4,8 @@
 
 include mk/sam.mk
 include mk/functions.mk
+include mk/local.mk
+include mk/proof.mk
 
 CARGO ?= cargo
 

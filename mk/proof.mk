@@ -55,7 +55,7 @@ proptest-long:
 
 fuzz-build:
 	cd $(FUZZ_DIR) && CARGO_TARGET_DIR=$(FUZZ_TARGET_DIR) RUSTFLAGS="$(FUZZ_RUSTFLAGS)" \
-	  nice cargo build --release --locked --target $(FUZZ_TRIPLE) --bins
+	  nice cargo build --release --target $(FUZZ_TRIPLE) --bins
 
 fuzz-seeds: fuzz-build
 	SHARDWISE_FUZZ_SEEDS=$(FUZZ_DIR)/seeds $(FUZZ_BIN)/event

@@ -7,7 +7,8 @@
 #   5. make validate: sam validate --lint, scripts/check_template.py, checkov
 #   6. make build ARCH=x86_64 (sam build, release)
 #   7. make invoke-check: each function under cargo lambda watch, invoked with events/ samples
-#   8. make lint: cargo fmt --check, clippy -D warnings
+#   8. make demo (20 s, checked) and the other local-runner targets on small inputs
+#   9. make lint: cargo fmt --check, clippy -D warnings
 # Every step runs even when an earlier one failed (one run shows every problem); the exit
 # status is non-zero when any failed.
 set -euo pipefail
@@ -81,6 +82,14 @@ step "make build ARCH=x86_64" make --no-print-directory build ARCH=x86_64
 # Each function under `cargo lambda watch` (the real Runtime API loop), invoked with events/ samples;
 # responses and side effects (alerts, acks, aggregates) checked on moto.
 step "make invoke-check" make --no-print-directory invoke-check
+# The README's first command, shortened; CHECK=1 fails unless every record was acknowledged,
+# poison was dead-lettered, alerts were raised and windows written.
+step "make demo (20 s)" make --no-print-directory demo DURATION=20s PLAIN=10s CHECK=1
+# The other local-runner targets, on small inputs, so none of them can rot.
+step "local runner targets" sh -c 'make --no-print-directory loadgen RATE=200 DURATION=3s &&
+  make --no-print-directory run ARGS="--until-idle 2s --tumbling-window 3s --duration 60s --plain 10s" &&
+  make --no-print-directory plan &&
+  make --no-print-directory bench-local BENCH_RATE=1000 BENCH_DURATION=3s'
 step "make lint" make --no-print-directory lint
 
 printf '\n'

@@ -137,7 +137,10 @@ pub fn event(data: &[u8]) {
         assert!(record.event_index >= last_index);
         last_index = record.event_index;
         let source = &event.records[record.event_index];
-        assert_eq!(record.sequence_number.as_str(), source.kinesis.sequence_number);
+        assert_eq!(
+            record.sequence_number.as_str(),
+            source.kinesis.sequence_number
+        );
         assert!(record.data.len() <= source.kinesis.data.len());
         if let Some(error) = &decoded.error {
             assert!(!error.to_string().is_empty());
@@ -148,9 +151,8 @@ pub fn event(data: &[u8]) {
 
     let processor = Processor::per_record(AnyJson, InMemoryDeadLetterSink::new())
         .retry(ExponentialBackoff::none());
-    let report = runtime().block_on(
-        processor.process_records(&event.records, &Invocation::unbounded("fuzz")),
-    );
+    let report = runtime()
+        .block_on(processor.process_records(&event.records, &Invocation::unbounded("fuzz")));
     assert_eq!(report.outcomes.len(), records.len());
     // No deadline, no faults: every record is acknowledged (processed or dead-lettered).
     assert!(
@@ -235,7 +237,11 @@ impl WindowHandler for CountPerKey {
         *count = count.saturating_add(1);
     }
 
-    async fn on_window_end(&self, _: &Self::State, end: &WindowEnd<'_>) -> Result<(), HandlerError> {
+    async fn on_window_end(
+        &self,
+        _: &Self::State,
+        end: &WindowEnd<'_>,
+    ) -> Result<(), HandlerError> {
         let _ = end.window.start.to_rfc3339();
         let _ = end.window.end.to_rfc3339();
         Ok(())
@@ -344,7 +350,11 @@ pub fn write_seeds(out: &std::path::Path) -> std::io::Result<usize> {
     ]);
     write("kpl", "aggregate", &aggregate)?;
     // The protobuf alone: the target frames it with magic and digest itself.
-    write("kpl", "protobuf", &aggregate[KPL_MAGIC.len()..aggregate.len() - 16])?;
+    write(
+        "kpl",
+        "protobuf",
+        &aggregate[KPL_MAGIC.len()..aggregate.len() - 16],
+    )?;
     write("kpl", "magic-only", &KPL_MAGIC)?;
 
     let events = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../events");

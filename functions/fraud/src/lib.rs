@@ -18,6 +18,8 @@
 //! the batch, each scored against the profile its predecessors left.
 
 pub mod alert;
+#[cfg(feature = "local")]
+pub mod local;
 pub mod rules;
 pub mod state;
 

@@ -42,6 +42,9 @@ use shardwise::record::{Record, SequenceNumber};
 
 use crate::rules::CardProfile;
 
+#[cfg(feature = "local")]
+pub(crate) mod sqlite;
+
 /// The last record applied to a card.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppliedPosition {
