@@ -12,7 +12,7 @@ use std::sync::Mutex;
 
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes};
+use aws_sdk_dynamodb::types::AttributeValue;
 use shardwise::transaction::canary_table::{
     ACKED_AT, CANARY_ID, CONSUMER, EXPIRATION, SENDER, SENT_AT,
 };
@@ -70,7 +70,6 @@ pub trait CanaryStore: Send + Sync {
     ) -> impl Future<Output = Result<bool, StoreError>> + Send;
 }
 
-const MAX_GET: usize = 100;
 const MAX_GET_ROUNDS: u32 = 4;
 
 /// The canary table in DynamoDB.
@@ -176,45 +175,13 @@ impl CanaryStore for DynamoDbCanaryStore {
                 keys.push(Self::key(id, consumer));
             }
         }
-        let mut items = Vec::new();
-        for chunk in keys.chunks(MAX_GET) {
-            let mut pending = chunk.to_vec();
-            for round in 0..MAX_GET_ROUNDS {
-                if pending.is_empty() {
-                    break;
-                }
-                if round > 0 {
-                    tokio::time::sleep(std::time::Duration::from_millis(50 << round)).await;
-                }
-                let request = KeysAndAttributes::builder()
-                    .set_keys(Some(std::mem::take(&mut pending)))
-                    .consistent_read(true)
-                    .build()
-                    .map_err(|e| StoreError(e.to_string()))?;
-                let output = self
-                    .client
-                    .batch_get_item()
-                    .request_items(&self.table, request)
-                    .send()
-                    .await
-                    .map_err(store_error)?;
-                if let Some(mut got) = output.responses.and_then(|mut r| r.remove(&self.table)) {
-                    items.append(&mut got);
-                }
-                if let Some(left) = output
-                    .unprocessed_keys
-                    .and_then(|mut u| u.remove(&self.table))
-                {
-                    pending = left.keys;
-                }
-            }
-            if !pending.is_empty() {
-                return Err(StoreError(format!(
-                    "{} keys left unprocessed after {MAX_GET_ROUNDS} rounds",
-                    pending.len()
-                )));
-            }
-        }
+        use shardwise::aws::dynamodb::{BatchGetError, batch_get_consistent};
+        let items = batch_get_consistent(&self.client, &self.table, keys, MAX_GET_ROUNDS)
+            .await
+            .map_err(|error| match error {
+                BatchGetError::Call(error) => store_error(*error),
+                other => StoreError(other.to_string()),
+            })?;
         let mut rows: HashMap<&str, CanaryRows> = HashMap::new();
         for item in &items {
             let (Some(id), Some(consumer)) =

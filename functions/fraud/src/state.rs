@@ -37,7 +37,7 @@ use std::sync::Mutex;
 
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
-use aws_sdk_dynamodb::types::{AttributeValue, KeysAndAttributes, Put, TransactWriteItem};
+use aws_sdk_dynamodb::types::{AttributeValue, Put, TransactWriteItem};
 use shardwise::record::{Record, SequenceNumber};
 
 use crate::rules::CardProfile;
@@ -157,8 +157,7 @@ pub mod attr {
     pub const EXPIRATION: &str = "expiration";
 }
 
-/// DynamoDB's per-call limits.
-const MAX_GET: usize = 100;
+/// DynamoDB's per-call limit of `TransactWriteItems`.
 const MAX_TRANSACT: usize = 100;
 /// Rounds of `UnprocessedKeys` retries before a load gives up (the handler is retried anyway).
 const MAX_GET_ROUNDS: u32 = 4;
@@ -328,59 +327,26 @@ fn parse_state(item: &HashMap<String, AttributeValue>) -> Result<CardState, Stat
 impl CardStateStore for DynamoDbCardStateStore {
     async fn load(&self, card_ids: &[&str]) -> Result<Vec<Option<CardState>>, StateError> {
         let mut found: HashMap<String, CardState> = HashMap::with_capacity(card_ids.len());
-        let calls = card_ids.chunks(MAX_GET).map(|chunk| async move {
-            let mut keys: Vec<HashMap<String, AttributeValue>> = chunk
-                .iter()
-                .map(|id| {
-                    HashMap::from([(
-                        attr::CARD_ID.to_owned(),
-                        AttributeValue::S((*id).to_owned()),
-                    )])
-                })
-                .collect();
-            let mut items = Vec::new();
-            for round in 0..MAX_GET_ROUNDS {
-                if keys.is_empty() {
-                    break;
-                }
-                if round > 0 {
-                    tokio::time::sleep(std::time::Duration::from_millis(50 << round)).await;
-                }
-                let request = KeysAndAttributes::builder()
-                    .set_keys(Some(std::mem::take(&mut keys)))
-                    .consistent_read(true)
-                    .build()
-                    .map_err(|e| StateError::Rejected(e.to_string()))?;
-                let output = self
-                    .client
-                    .batch_get_item()
-                    .request_items(&self.table, request)
-                    .send()
-                    .await
-                    .map_err(classify)?;
-                if let Some(mut got) = output.responses.and_then(|mut r| r.remove(&self.table)) {
-                    items.append(&mut got);
-                }
-                if let Some(left) = output
-                    .unprocessed_keys
-                    .and_then(|mut u| u.remove(&self.table))
-                {
-                    keys = left.keys;
-                }
-            }
-            if !keys.is_empty() {
-                return Err(StateError::Unavailable(format!(
-                    "{} card states left unprocessed after {MAX_GET_ROUNDS} rounds",
-                    keys.len()
-                )));
-            }
-            Ok(items)
-        });
-        for items in futures::future::try_join_all(calls).await? {
-            for item in &items {
-                let state = parse_state(item)?;
-                found.insert(state.card_id.clone(), state);
-            }
+        use shardwise::aws::dynamodb::{BatchGetError, batch_get_consistent};
+        let keys = card_ids
+            .iter()
+            .map(|id| {
+                HashMap::from([(
+                    attr::CARD_ID.to_owned(),
+                    AttributeValue::S((*id).to_owned()),
+                )])
+            })
+            .collect();
+        let items = batch_get_consistent(&self.client, &self.table, keys, MAX_GET_ROUNDS)
+            .await
+            .map_err(|error| match error {
+                BatchGetError::Call(error) => classify(*error),
+                BatchGetError::Build(error) => StateError::Rejected(error.to_string()),
+                other => StateError::Unavailable(format!("card states: {other}")),
+            })?;
+        for item in &items {
+            let state = parse_state(item)?;
+            found.insert(state.card_id.clone(), state);
         }
         Ok(card_ids.iter().map(|id| found.remove(*id)).collect())
     }
