@@ -98,3 +98,46 @@ pub async fn drain_queue(config: &SdkConfig, queue_url: &str) -> Vec<String> {
         bodies.extend(messages.iter().filter_map(|m| m.body().map(str::to_owned)));
     }
 }
+
+/// The SDK configuration [`moto_config`] returns, for crates that do not depend on aws-config.
+pub use aws_config::SdkConfig as MotoConfig;
+/// Whether a key attribute is the partition (hash) key or the sort (range) key.
+pub use aws_sdk_dynamodb::types::KeyType;
+
+/// Create an on-demand DynamoDB table with a unique name whose key attributes are all strings:
+/// `keys` is `[(partition_key, KeyType::Hash)]`, optionally followed by a sort key. Returns the
+/// table name.
+///
+/// # Panics
+/// When moto refuses: the test cannot go on.
+#[allow(clippy::expect_used)]
+pub async fn create_table(config: &SdkConfig, prefix: &str, keys: &[(&str, KeyType)]) -> String {
+    use aws_sdk_dynamodb::types::{
+        AttributeDefinition, BillingMode, KeySchemaElement, ScalarAttributeType,
+    };
+    let client = aws_sdk_dynamodb::Client::new(config);
+    let name = unique_name(prefix);
+    let mut request = client
+        .create_table()
+        .table_name(&name)
+        .billing_mode(BillingMode::PayPerRequest);
+    for (attribute, key_type) in keys {
+        request = request
+            .attribute_definitions(
+                AttributeDefinition::builder()
+                    .attribute_name(*attribute)
+                    .attribute_type(ScalarAttributeType::S)
+                    .build()
+                    .expect("attribute definition"),
+            )
+            .key_schema(
+                KeySchemaElement::builder()
+                    .attribute_name(*attribute)
+                    .key_type(key_type.clone())
+                    .build()
+                    .expect("key schema element"),
+            );
+    }
+    request.send().await.expect("create DynamoDB table on moto");
+    name
+}

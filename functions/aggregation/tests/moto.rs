@@ -8,16 +8,13 @@ use std::path::PathBuf;
 use aggregation::store::{DynamoDbAggregateStore, DynamoDbCanaryAcks, from_item};
 use aggregation::{Aggregation, CONSUMER};
 use aws_config::SdkConfig;
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
-    ScalarAttributeType,
-};
+use aws_sdk_dynamodb::types::AttributeValue;
 use serde_json::{Value, json};
 use shardwise::InMemoryDeadLetterSink;
 use shardwise::clock::ManualClock;
 use shardwise::processor::Invocation;
 use shardwise::window::{WindowConfig, WindowEndReason, WindowProcessor};
-use shardwise_testkit::{moto_config, unique_name};
+use shardwise_testkit::{KeyType, create_table, moto_config};
 
 const NOW_MS: i64 = 1_795_687_265_000;
 
@@ -30,34 +27,6 @@ fn load(name: &str) -> Vec<u8> {
             .join(name),
     )
     .unwrap()
-}
-
-async fn create_table(config: &SdkConfig, prefix: &str, keys: &[(&str, KeyType)]) -> String {
-    let client = aws_sdk_dynamodb::Client::new(config);
-    let name = unique_name(prefix);
-    let mut request = client
-        .create_table()
-        .table_name(&name)
-        .billing_mode(BillingMode::PayPerRequest);
-    for (attribute, key_type) in keys {
-        request = request
-            .attribute_definitions(
-                AttributeDefinition::builder()
-                    .attribute_name(*attribute)
-                    .attribute_type(ScalarAttributeType::S)
-                    .build()
-                    .unwrap(),
-            )
-            .key_schema(
-                KeySchemaElement::builder()
-                    .attribute_name(*attribute)
-                    .key_type(key_type.clone())
-                    .build()
-                    .unwrap(),
-            );
-    }
-    request.send().await.expect("create table on moto");
-    name
 }
 
 struct Setup {

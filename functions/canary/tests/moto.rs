@@ -5,9 +5,6 @@
 
 use std::sync::Mutex;
 
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
-};
 use aws_sdk_kinesis::types::ShardIteratorType;
 use canary::store::DynamoDbCanaryStore;
 use canary::{Canary, RunSettings};
@@ -18,7 +15,7 @@ use shardwise::runtime::MetricsWriter;
 use shardwise::transaction::{
     CanaryAck, CanaryAckStore, DynamoDbCanaryAckStore, StreamPayload, canary_table,
 };
-use shardwise_testkit::{moto_config, unique_name};
+use shardwise_testkit::{KeyType, MotoConfig, create_table, moto_config, unique_name};
 
 #[derive(Default)]
 struct Lines(Mutex<Vec<serde_json::Value>>);
@@ -33,34 +30,16 @@ impl MetricsWriter for Lines {
 }
 
 /// The canary table as template.yaml declares it.
-async fn create_canary_table(client: &aws_sdk_dynamodb::Client) -> String {
-    let name = unique_name("canary");
-    let attribute = |n: &str| {
-        AttributeDefinition::builder()
-            .attribute_name(n)
-            .attribute_type(ScalarAttributeType::S)
-            .build()
-            .unwrap()
-    };
-    let key = |n: &str, t: KeyType| {
-        KeySchemaElement::builder()
-            .attribute_name(n)
-            .key_type(t)
-            .build()
-            .unwrap()
-    };
-    client
-        .create_table()
-        .table_name(&name)
-        .attribute_definitions(attribute(canary_table::CANARY_ID))
-        .attribute_definitions(attribute(canary_table::CONSUMER))
-        .key_schema(key(canary_table::CANARY_ID, KeyType::Hash))
-        .key_schema(key(canary_table::CONSUMER, KeyType::Range))
-        .billing_mode(BillingMode::PayPerRequest)
-        .send()
-        .await
-        .unwrap();
-    name
+async fn create_canary_table(config: &MotoConfig) -> String {
+    create_table(
+        config,
+        "canary",
+        &[
+            (canary_table::CANARY_ID, KeyType::Hash),
+            (canary_table::CONSUMER, KeyType::Range),
+        ],
+    )
+    .await
 }
 
 /// Every record on the stream, decoded as the consumers decode them.
@@ -117,7 +96,7 @@ async fn the_canary_puts_records_sees_acks_and_reports_a_missing_one() {
         .send()
         .await
         .unwrap();
-    let table = create_canary_table(&dynamodb).await;
+    let table = create_canary_table(&config).await;
 
     let canary = Canary::new(
         Producer::new(KinesisStreamWriter::new(

@@ -6,10 +6,7 @@
 use std::collections::BTreeMap;
 
 use aws_config::SdkConfig;
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
-    ScalarAttributeType,
-};
+use aws_sdk_dynamodb::types::AttributeValue;
 use fraud::alert::{Alert, SqsAlertSink};
 use fraud::rules::{CardRange, RuleSet};
 use fraud::state::{CardStateStore, DynamoDbCardStateStore};
@@ -20,35 +17,7 @@ use shardwise::processor::Bisecting;
 use shardwise::retry::ExponentialBackoff;
 use shardwise::transaction::{DynamoDbCanaryAckStore, canary_table};
 use shardwise::{Invocation, Processor, SqsDeadLetterSink};
-use shardwise_testkit::{create_queue, drain_queue, moto_config, unique_name};
-
-async fn create_table(config: &SdkConfig, prefix: &str, keys: &[(&str, KeyType)]) -> String {
-    let client = aws_sdk_dynamodb::Client::new(config);
-    let name = unique_name(prefix);
-    let mut request = client
-        .create_table()
-        .table_name(&name)
-        .billing_mode(BillingMode::PayPerRequest);
-    for (attribute, key_type) in keys {
-        request = request
-            .attribute_definitions(
-                AttributeDefinition::builder()
-                    .attribute_name(*attribute)
-                    .attribute_type(ScalarAttributeType::S)
-                    .build()
-                    .unwrap(),
-            )
-            .key_schema(
-                KeySchemaElement::builder()
-                    .attribute_name(*attribute)
-                    .key_type(key_type.clone())
-                    .build()
-                    .unwrap(),
-            );
-    }
-    request.send().await.unwrap();
-    name
-}
+use shardwise_testkit::{KeyType, create_queue, create_table, drain_queue, moto_config};
 
 struct Resources {
     alerts_queue: String,
