@@ -63,6 +63,7 @@ def create_resources():
         return name
 
     cards = table(f"cards-{SUFFIX}", [("card_id", "HASH")])
+    aggregates = table(f"aggregates-{SUFFIX}", [("id", "HASH")])
     canary = table(f"canary-{SUFFIX}", [("canary_id", "HASH"), ("consumer", "RANGE")])
     alerts = sqs.create_queue(QueueName=f"alerts-{SUFFIX}")["QueueUrl"]
     dead_letters = sqs.create_queue(QueueName=f"dlq-{SUFFIX}")["QueueUrl"]
@@ -78,6 +79,7 @@ def create_resources():
         "DEAD_LETTER_QUEUE_URL": dead_letters,
         "ALERTS_QUEUE_URL": alerts,
         "CARD_STATE_TABLE": cards,
+        "AGGREGATES_TABLE": aggregates,
         "CANARY_TABLE": canary,
         "STREAM_NAME": stream,
         # The blocklists the suspicious sample is written for (events/README.md).
@@ -174,6 +176,20 @@ def check(clients, env, port):
                     for b in drain(clients["sqs"], env["ALERTS_QUEUE_URL"]))
     expected = ["tx-blocked-card", "tx-blocked-merchant", "tx-travel-1", "tx-velocity-amount"]
     expect(alerts == expected, f"the 4 suspicious transactions raised one alert each: {alerts}")
+
+    # aggregation: one tumbling window, first → middle → final, each answer's state being the
+    # state the next sample carries (events/README.md); the final invoke writes the aggregates.
+    first = invoke("aggregation", "window-first.json", port, FIRST_INVOKE_TIMEOUT_S)
+    expected_state = json.loads((ROOT / "events" / "window-middle.json").read_text())["state"]
+    expect(first.get("batchItemFailures") == [] and first.get("state") == expected_state,
+           "aggregation answers window-first.json with the state window-middle.json carries")
+    final = invoke("aggregation", "window-final.json", port, INVOKE_TIMEOUT_S)
+    expect(final == {"state": {}, "batchItemFailures": []},
+           f"aggregation answers the final invoke with an empty state (got {json.dumps(final)})")
+    items = clients["dynamodb"].scan(TableName=env["AGGREGATES_TABLE"])["Items"]
+    ids = sorted(i["id"]["S"].rsplit("#", 1)[-1] for i in items)
+    expect(ids == ["5411", "5812", "5999"],
+           f"the window's aggregates were written, one item per category: {ids}")
 
     response = invoke("canary", "canary-scheduled.json", port, FIRST_INVOKE_TIMEOUT_S)
     expect(response.get("sent") == 3 and response.get("putFailed") == 0,

@@ -105,20 +105,34 @@ where
 {
     let processor = &processor;
     let clock = &clock;
-    lambda_runtime::run(service_fn(
-        move |event: LambdaEvent<Box<RawValue>>| async move {
-            handle_invocation(
-                processor,
-                clock,
-                &StdoutMetrics,
-                namespace,
-                &event.context.request_id,
-                deadline_epoch_ms(event.context.deadline, clock.now_ms()),
-                event.payload.get().as_bytes(),
-            )
-            .await
-        },
-    ))
+    serve(clock, move |event, deadline_ms| async move {
+        handle_invocation(
+            processor,
+            clock,
+            &StdoutMetrics,
+            namespace,
+            &event.context.request_id,
+            deadline_ms,
+            event.payload.get().as_bytes(),
+        )
+        .await
+    })
+    .await
+}
+
+/// The Lambda loop both entry points share: each event with its deadline in epoch
+/// milliseconds (normalised by [`deadline_epoch_ms`]) goes to `handle`.
+async fn serve<F, Fut, T, E>(clock: &impl Clock, handle: F) -> Result<(), lambda_runtime::Error>
+where
+    F: Fn(LambdaEvent<Box<RawValue>>, i64) -> Fut,
+    Fut: std::future::Future<Output = Result<T, E>>,
+    T: serde::Serialize,
+    E: Into<Diagnostic> + std::fmt::Debug,
+{
+    lambda_runtime::run(service_fn(|event: LambdaEvent<Box<RawValue>>| {
+        let deadline_ms = deadline_epoch_ms(event.context.deadline, clock.now_ms());
+        handle(event, deadline_ms)
+    }))
     .await
 }
 
@@ -146,20 +160,18 @@ where
 {
     let processor = &processor;
     let clock = &clock;
-    lambda_runtime::run(service_fn(
-        move |event: LambdaEvent<Box<RawValue>>| async move {
-            crate::window::handle_invocation(
-                processor,
-                clock,
-                &StdoutMetrics,
-                namespace,
-                &event.context.request_id,
-                deadline_epoch_ms(event.context.deadline, clock.now_ms()),
-                event.payload.get().as_bytes(),
-            )
-            .await
-        },
-    ))
+    serve(clock, move |event, deadline_ms| async move {
+        crate::window::handle_invocation(
+            processor,
+            clock,
+            &StdoutMetrics,
+            namespace,
+            &event.context.request_id,
+            deadline_ms,
+            event.payload.get().as_bytes(),
+        )
+        .await
+    })
     .await
 }
 
