@@ -18,6 +18,7 @@ help:
 	@echo "make bench     hot-path and idempotency benchmarks (prints figures)"
 	@echo "make watch | invoke FN=… EVENT=…   cargo lambda watch / invoke"
 	@echo "make build | validate | deploy ENV=… | logs FN=… | delete | redrive QUEUE_URL=…   SAM"
+	@echo "make proptest-long | chaos | chaos-long | fuzz   the long proof runs (docs/proof.md)"
 
 test:
 	scripts/test.sh

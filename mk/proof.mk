@@ -5,6 +5,10 @@
 #   make proptest                  the property suites as CI runs them (debug, modest case counts)
 #   make proptest-long             the processor under faults over >= 10,000 generated batches
 #                                  (release; PROPTEST_LONG_CASES per mode, default 10,000; batches up to 10,000 records)
+#   make chaos                     random SIGKILLs of the runner and function processes over the
+#                                  local pipeline (embedded + moto), as CI runs it
+#   make chaos-long                the same over CHAOS_LONG_RECORDS (10,000) records and
+#                                  CHAOS_LONG_KILLS (60) kill events per set-up
 #   make fuzz-build                the libFuzzer binaries, on the stable toolchain
 #   make fuzz [FUZZ_SECONDS=600]   each target in turn for FUZZ_SECONDS, one core, niced
 #   make fuzz-check                each target over its seeds and saved corpus only (a replay,
@@ -42,7 +46,10 @@ FUZZ_MAX_LEN_kpl := 65536
 FUZZ_MAX_LEN_window_state := 16384
 FUZZ_FLAGS = -rss_limit_mb=1024 -timeout=10 -print_final_stats=1
 
-.PHONY: proptest proptest-long fuzz-build fuzz-seeds fuzz fuzz-check
+CHAOS_LONG_RECORDS ?= 10000
+CHAOS_LONG_KILLS ?= 60
+
+.PHONY: proptest proptest-long chaos chaos-long fuzz-build fuzz-seeds fuzz fuzz-check
 
 proptest:
 	cd $(PROOF_ROOT) && $(PROOF_CARGO_ENV) cargo test -p shardwise \
@@ -52,6 +59,19 @@ proptest-long:
 	cd $(PROOF_ROOT) && $(PROOF_CARGO_ENV) PROPTEST_CASES=$(PROPTEST_LONG_CASES) \
 	  SHARDWISE_PROP_MAX_RECORDS=$(PROPTEST_LONG_MAX_RECORDS) \
 	  cargo test --release -p shardwise --test prop_processor -- --nocapture --test-threads 1
+
+# The moto set-up needs the emulator: scripts/moto.sh starts one for the run (on its own port, so
+# it does not disturb a moto `make test` started).
+chaos:
+	cd $(PROOF_ROOT) && PATH="$(PROOF_ROOT)/.venv/bin:$$PATH" SHARDWISE_REQUIRE_MOTO=1 \
+	  $(PROOF_CARGO_ENV) scripts/moto.sh run \
+	  cargo test -p shardwise-local --test chaos -- --nocapture --test-threads 1
+
+chaos-long:
+	cd $(PROOF_ROOT) && PATH="$(PROOF_ROOT)/.venv/bin:$$PATH" SHARDWISE_REQUIRE_MOTO=1 \
+	  SHARDWISE_CHAOS_RECORDS=$(CHAOS_LONG_RECORDS) SHARDWISE_CHAOS_KILLS=$(CHAOS_LONG_KILLS) \
+	  $(PROOF_CARGO_ENV) scripts/moto.sh run \
+	  cargo test -p shardwise-local --test chaos -- --nocapture --test-threads 1 survive_random_kills
 
 fuzz-build:
 	cd $(FUZZ_DIR) && CARGO_TARGET_DIR=$(FUZZ_TARGET_DIR) RUSTFLAGS="$(FUZZ_RUSTFLAGS)" \

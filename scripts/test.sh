@@ -73,13 +73,13 @@ step "script tests (redrive, template checker negative cases)" \
 # scripts/check_template.py (transform, cfn-lint, assertions) + checkov. Skipped checkov checks
 # are listed, each with its reason, in template.yaml (Metadata.checkov).
 step "make validate" make --no-print-directory validate
-# deploy, logs, delete and redrive need AWS, and the long proof runs (proptest-long, fuzz,
+# deploy, logs, delete and redrive need AWS, and the long proof runs (proptest-long, chaos-long, fuzz,
 # fuzz-check) need 10–30 minutes and an instrumented build: here they are only expanded (make -n)
 # to catch typos. Their code runs in `cargo test` (the property suites at CI's case count, the
 # fuzz harness's properties through prop_decoders).
 step "make -n of the AWS-only and long-running targets" \
   make --no-print-directory -n deploy ENV=prod logs FN=FraudFunction delete redrive QUEUE_URL=x \
-  proptest-long fuzz fuzz-check bench watch
+  proptest-long chaos-long fuzz fuzz-check bench watch
 
 # x86_64: CI has only the host's Rust target; arm64 would need a target download.
 step "make build ARCH=x86_64" make --no-print-directory build ARCH=x86_64

@@ -69,6 +69,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
             memory_mb: 512,
             timeout: Duration::from_secs(30),
             log_file: None,
+            sandbox_dir: None,
         },
         args.shards as usize,
     )

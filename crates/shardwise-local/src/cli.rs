@@ -62,6 +62,9 @@ pub enum BackendKind {
     Aws,
 }
 
+/// `PutRecords` calls the producer tools keep in flight by default (the producer's own default).
+pub const PUT_CALLS_IN_FLIGHT: usize = 4;
+
 /// Where the stream is.
 #[derive(Debug, Clone, Args)]
 pub struct StreamArgs {
@@ -76,6 +79,10 @@ pub struct StreamArgs {
     /// Shards of the embedded stream when it is created.
     #[arg(long, default_value_t = 4)]
     pub shards: u32,
+    /// `PutRecords` calls in flight when putting (`put`, `replay`, `loadgen`). Use 1 against
+    /// moto, whose Kinesis numbers records without a lock and can lose some to concurrent calls.
+    #[arg(long, default_value_t = PUT_CALLS_IN_FLIGHT)]
+    pub put_calls_in_flight: usize,
 }
 
 impl StreamArgs {
@@ -362,6 +369,10 @@ pub async fn prepare_run(args: &RunArgs, view: ViewMode) -> anyhow::Result<RunCo
         }
         None => None,
     };
+    // Before any process of ours starts: a runner killed on this state directory may have left
+    // its function processes running, one perhaps mid-invocation.
+    let sandboxes = absolute(&args.stream.state_dir).join("sandboxes");
+    crate::sandbox::stop_stale(&sandboxes);
     let mut runs = Vec::new();
     for function in functions {
         let factor = function.settings.parallelization_factor.max(1) as usize;
@@ -385,6 +396,7 @@ pub async fn prepare_run(args: &RunArgs, view: ViewMode) -> anyhow::Result<RunCo
                                 .join("logs")
                                 .join(format!("{}.log", function.name)),
                         ),
+                        sandbox_dir: Some(sandboxes.clone()),
                     },
                     instances,
                 )

@@ -66,6 +66,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         stream: "shardwise-transactions".to_owned(),
         state_dir: args.state_dir.clone(),
         shards: args.shards,
+        put_calls_in_flight: crate::cli::PUT_CALLS_IN_FLIGHT,
     };
     let blocked = "m-blocked-0001";
     let run_args = RunArgs {

@@ -38,6 +38,9 @@ pub struct FunctionSpec {
     pub timeout: Duration,
     /// Where the processes' stdout and stderr go (appended); `None` discards them.
     pub log_file: Option<PathBuf>,
+    /// Where each process is recorded so that the next runner can stop it if this one dies
+    /// ([`crate::sandbox`]); `None` records nothing.
+    pub sandbox_dir: Option<PathBuf>,
 }
 
 /// How one invocation ended.
@@ -434,13 +437,23 @@ async fn supervise(
         }
         starts.fetch_add(1, Ordering::Relaxed);
         let started = tokio::time::Instant::now();
+        let sandbox = spec
+            .sandbox_dir
+            .as_deref()
+            .map(|dir| crate::sandbox::SandboxFile::new(dir, &spec.name, index));
         match command.spawn() {
             Ok(mut child) => {
+                if let (Some(sandbox), Some(pid)) = (&sandbox, child.id()) {
+                    sandbox.record(pid);
+                }
                 tokio::select! {
                     _ = child.wait() => {}
                     _ = kill.recv() => {
                         let _ = child.kill().await;
                     }
+                }
+                if let Some(sandbox) = &sandbox {
+                    sandbox.clear();
                 }
             }
             Err(error) => {

@@ -24,6 +24,7 @@ pub mod filter;
 pub mod function;
 pub mod plan;
 pub mod runner;
+pub mod sandbox;
 pub mod settings;
 pub mod stats;
 pub mod stream;

@@ -38,6 +38,11 @@ impl StreamWriter for AnyWriter {
     }
 }
 
+/// A producer onto the stream `args` names.
+pub async fn producer(args: &StreamArgs) -> anyhow::Result<Producer<AnyWriter>> {
+    Ok(Producer::new(writer(args).await?).max_in_flight(args.put_calls_in_flight))
+}
+
 pub async fn writer(args: &StreamArgs) -> anyhow::Result<AnyWriter> {
     Ok(match args.source {
         SourceKind::Embedded => AnyWriter::Embedded(EmbeddedWriter(Arc::new(
@@ -127,7 +132,7 @@ pub fn record_from_line(line: &str, key_field: &str) -> Result<ProducerRecord, S
 }
 
 pub async fn put(args: PutArgs) -> anyhow::Result<()> {
-    let producer = Producer::new(writer(&args.stream).await?);
+    let producer = producer(&args.stream).await?;
     let reader: Box<dyn BufRead> = match &args.file {
         Some(path) => Box::new(std::io::BufReader::new(std::fs::File::open(path)?)),
         None => Box::new(std::io::BufReader::new(std::io::stdin())),
@@ -236,7 +241,7 @@ pub async fn replay(args: ReplayArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.speedup > 0.0, "--speedup must be positive");
     let text = std::fs::read_to_string(&args.file)?;
     let recording = read_recording(&text, &args.partition_key_field).map_err(anyhow::Error::msg)?;
-    let producer = Producer::new(writer(&args.stream).await?);
+    let producer = producer(&args.stream).await?;
     let bar = progress(Some(recording.len() as u64), "replay");
     let started = Instant::now();
     let mut put = 0;
@@ -508,7 +513,7 @@ pub async fn generate<W: StreamWriter>(
 }
 
 pub async fn loadgen(args: LoadgenArgs) -> anyhow::Result<()> {
-    let producer = Producer::new(writer(&args.stream).await?);
+    let producer = producer(&args.stream).await?;
     let total = u64::from(args.load.rate) * args.load.duration.as_secs().max(1);
     let bar = progress(Some(total), "loadgen");
     let report = generate(&producer, &args.load, None, |n| bar.set_position(n)).await;

@@ -128,7 +128,10 @@ pub enum PublishError {
     Serialize(String),
     #[error("dead-letter queue rejected the message: {0}")]
     Rejected(String),
-    #[error("dead-letter queue did not accept the message after {attempts} attempts: {last_error}")]
+    #[error(
+        "dead-letter queue did not accept the message after {attempts} attempt{}: {last_error}",
+        if *attempts == 1 { "" } else { "s" }
+    )]
     Exhausted { attempts: u32, last_error: String },
 }
 

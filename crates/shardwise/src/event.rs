@@ -98,13 +98,13 @@ pub(crate) fn describe_json_error<'a, T: Deserialize<'a>>(
 #[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum DecodeError {
-    #[error("record {sequence_number} in {shard_id}: `kinesis.data` is not valid base64: {detail}")]
+    #[error("record {shard_id}/{sequence_number}: `kinesis.data` is not valid base64: {detail}")]
     InvalidBase64 {
         shard_id: String,
         sequence_number: String,
         detail: String,
     },
-    #[error("record {sequence_number} in {shard_id}: corrupt KPL aggregate: {source}")]
+    #[error("record {shard_id}/{sequence_number}: corrupt KPL aggregate: {source}")]
     CorruptAggregate {
         shard_id: String,
         sequence_number: String,
@@ -176,7 +176,8 @@ impl DecodedBatch {
             return Decoded::Failed(DecodeError::InvalidBase64 {
                 shard_id: record.shard_id().to_owned(),
                 sequence_number: record.kinesis.sequence_number.to_string(),
-                detail: error.to_string(),
+                detail: base64_fault(record.kinesis.data.as_bytes())
+                    .unwrap_or_else(|| error.to_string()),
             });
         }
         let end = self.arena.len();
@@ -254,6 +255,58 @@ impl DecodedBatch {
     }
 }
 
+/// Where `data` stops being standard, padded base64 — base64-simd only says that it does. Runs on
+/// the error path alone. `None` if no fault is found here (the decoder's own message is used).
+fn base64_fault(data: &[u8]) -> Option<String> {
+    let is_alphabet = |b: u8| b.is_ascii_alphanumeric() || b == b'+' || b == b'/';
+    let body = data.len()
+        - data
+            .iter()
+            .rev()
+            .take(2)
+            .take_while(|&&b| b == b'=')
+            .count();
+    if let Some(offset) = data[..body].iter().position(|&b| !is_alphabet(b)) {
+        let byte = data[offset];
+        let shown = if byte.is_ascii_graphic() || byte == b' ' {
+            format!("{:?}", char::from(byte))
+        } else {
+            format!("byte 0x{byte:02x}")
+        };
+        return Some(format!(
+            "{shown} at offset {offset} of {} is not in the base64 alphabet",
+            data.len()
+        ));
+    }
+    if !data.len().is_multiple_of(4) {
+        return Some(format!(
+            "its length, {}, is not a multiple of 4 (padding missing or data cut short)",
+            data.len()
+        ));
+    }
+    // With padding, the last character carries bits past the data's end; they must be zero.
+    let unused_bits = match data.len() - body {
+        1 => 0b11,
+        2 => 0b1111,
+        _ => 0,
+    };
+    let value = |b: u8| match b {
+        b'A'..=b'Z' => b - b'A',
+        b'a'..=b'z' => b - b'a' + 26,
+        b'0'..=b'9' => b - b'0' + 52,
+        b'+' => 62,
+        _ => 63,
+    };
+    if body > 0 && value(data[body - 1]) & unused_bits != 0 {
+        return Some(format!(
+            "{:?} at offset {} leaves bits set past the data's end (not canonical base64)",
+            char::from(data[body - 1]),
+            body - 1
+        ));
+    }
+    None
+}
+
 fn seconds_to_millis(seconds: f64) -> i64 {
     // `as` saturates on out-of-range floats and maps NaN to 0: acceptable for a timestamp that
     // only feeds metrics and dead-letter metadata.
@@ -297,14 +350,54 @@ mod tests {
         assert!(records[0].error.is_none());
         let error = records[1].error.as_ref().unwrap();
         assert_eq!(error.error_type(), "InvalidBase64");
-        assert!(
-            error
-                .to_string()
-                .contains("record 2 in shardId-000000000000")
-        );
+        assert!(error.to_string().contains("record shardId-000000000000/2:"));
         assert_eq!(records[1].record.data, b"!!not base64!!");
         assert_eq!(records[2].record.data, b"");
         assert!(records[2].error.is_none());
+    }
+
+    #[test]
+    fn base64_faults_say_where() {
+        assert_eq!(
+            base64_fault(b"!!not base64!!").as_deref(),
+            Some("'!' at offset 0 of 14 is not in the base64 alphabet")
+        );
+        assert_eq!(
+            base64_fault(b"b2s=b2s=").as_deref(),
+            Some("'=' at offset 3 of 8 is not in the base64 alphabet")
+        );
+        assert_eq!(
+            // MIME-style line breaks: a common producer mistake.
+            base64_fault(b"b2sx\nb2s=").as_deref(),
+            Some("byte 0x0a at offset 4 of 9 is not in the base64 alphabet")
+        );
+        assert_eq!(
+            base64_fault(&[b'Y', 0xff]).as_deref(),
+            Some("byte 0xff at offset 1 of 2 is not in the base64 alphabet")
+        );
+        assert_eq!(
+            base64_fault(b"b2sx5").as_deref(),
+            Some("its length, 5, is not a multiple of 4 (padding missing or data cut short)")
+        );
+        assert!(base64_simd::STANDARD.decode_to_vec(b"b2t=").is_err());
+        assert_eq!(
+            base64_fault(b"b2t=").as_deref(),
+            Some("'t' at offset 2 leaves bits set past the data's end (not canonical base64)")
+        );
+        // What the decoder accepts, this does not fault either.
+        for good in [&b"b2s="[..], b"", b"YQ==", b"YWJj"] {
+            assert!(base64_simd::STANDARD.decode_to_vec(good).is_ok());
+            assert_eq!(base64_fault(good), None);
+        }
+    }
+
+    proptest::proptest! {
+        /// The description and the decoder agree: a fault is named exactly when decoding fails.
+        #[test]
+        fn base64_fault_agrees_with_the_decoder(data in "[A-Za-z0-9+/=!\n]{0,12}") {
+            let decoded = base64_simd::STANDARD.decode_to_vec(data.as_bytes());
+            proptest::prop_assert_eq!(decoded.is_err(), base64_fault(data.as_bytes()).is_some(), "{:?}", data);
+        }
     }
 
     #[test]
@@ -368,7 +461,7 @@ mod tests {
         assert_eq!(records.len(), 1);
         let error = records[0].error.as_ref().unwrap();
         assert_eq!(error.error_type(), "CorruptKplAggregate");
-        assert!(error.to_string().contains("record 7"));
+        assert!(error.to_string().contains("record shardId-000000000000/7:"));
     }
 
     #[test]

@@ -173,10 +173,12 @@ async fn row_06_data_that_is_not_base64_is_dead_lettered_as_delivered() {
     let letter = only_letter(raw_data("k", &sequence_number(2), "!!not base64!!")).await;
     assert_eq!(letter["error"]["type"], "InvalidBase64");
     assert!(
-        message(&letter).starts_with(&format!(
-            "record {} in shardId-000000000000: `kinesis.data` is not valid base64: ",
-            sequence_number(2)
-        )),
+        message(&letter)
+            == format!(
+                "record shardId-000000000000/{}: `kinesis.data` is not valid base64: \
+                 '!' at offset 0 of 14 is not in the base64 alphabet",
+                sequence_number(2)
+            ),
         "{letter}"
     );
     assert_eq!(letter["data"], "!!not base64!!");
@@ -300,7 +302,7 @@ async fn corrupt_aggregate_letter(data: &[u8]) -> Value {
     assert!(letter.get("subSequenceNumber").is_none());
     assert!(
         message(&letter).starts_with(&format!(
-            "record {} in shardId-000000000000: corrupt KPL aggregate: ",
+            "record shardId-000000000000/{}: corrupt KPL aggregate: ",
             sequence_number(2)
         )),
         "{letter}"
@@ -763,7 +765,7 @@ async fn row_31_unreachable_dead_letter_queue_hands_the_record_back() {
     };
     assert!(
         reason.starts_with(
-            "DeadLetterFailed: dead-letter queue did not accept the message after 1 attempts: dead-letter queue call failed: dispatch failure"
+            "DeadLetterFailed: dead-letter queue did not accept the message after 1 attempt: dead-letter queue call failed: dispatch failure"
         ),
         "{reason}"
     );

@@ -156,6 +156,7 @@ impl Harness {
                 memory_mb: 128,
                 timeout: self.timeout,
                 log_file: Some(self.dir.path().join("function.log")),
+                sandbox_dir: None,
             },
             self.instances,
         )

@@ -10,6 +10,8 @@
 //! With `TEST_FN_EFFECTS` set it runs instead as a Shardwise processor with the local idempotency
 //! store (`SHARDWISE_LOCAL_DB`): each record's effect is one line appended to that file, exactly
 //! once however often the record is delivered (the kill-and-resume test).
+//!
+//! With `TEST_FN_MODE=chaos` it runs the chaos test's handler (see `chaos.rs`).
 
 use std::io::Write as _;
 use std::process::ExitCode;
@@ -173,13 +175,17 @@ mod effects {
     }
 }
 
+mod chaos;
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let result = match (
+        std::env::var("TEST_FN_MODE").as_deref(),
         std::env::var("TEST_FN_EFFECTS"),
         std::env::var("SHARDWISE_LOCAL_DB"),
     ) {
-        (Ok(effects), Ok(db)) => effects::run(effects, db).await,
+        (Ok("chaos"), _, _) => chaos::run().await,
+        (_, Ok(effects), Ok(db)) => effects::run(effects, db).await,
         _ => lambda_runtime::run(service_fn(handle)).await,
     };
     match result {

@@ -1,0 +1,757 @@
+//! Chaos on the local pipeline: real runner and function processes, real stores, random kills.
+//!
+//! Records go onto a 4-shard stream in waves while `shardwise run` invokes the test function in
+//! its chaos mode (the real processor, idempotency gate and dead-letter sink; an effect that is a
+//! conditional put keyed by the gate's key). At random moments a function process or the whole
+//! runner is SIGKILLed; a killed runner is started again on the same state directory. At the end
+//! a last runner drains the stream, and the stores are read back:
+//!
+//! - **no record lost**: every good record has its effect, every poison record is in the
+//!   dead-letter queue with its payload;
+//! - **no effect duplicated**: one effect per record;
+//! - **per partition key, effects in stream order**;
+//! - **nothing acknowledged unsettled**: each time the runner is killed, every record at or
+//!   before a shard's checkpoint already has its effect or its dead letter.
+//!
+//! Two set-ups: the embedded stream with the SQLite backends, and Kinesis, DynamoDB and SQS on
+//! moto (`SHARDWISE_MOTO_ENDPOINT`; skipped without it unless `SHARDWISE_REQUIRE_MOTO=1`).
+//! Knobs: `SHARDWISE_CHAOS_RECORDS` (default 2000), `SHARDWISE_CHAOS_KILLS` (12),
+//! `SHARDWISE_CHAOS_SEED` (random; printed, so a failure can be replayed). `make chaos` runs a
+//! longer schedule.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use shardwise::producer::{
+    KinesisStreamWriter, Producer, ProducerRecord, PutOutcome, StreamTarget, StreamWriter,
+};
+use shardwise_local::checkpoint::CheckpointStore;
+use shardwise_local::stream::{
+    EmbeddedStream, KinesisSource, Position, Source, StartingPosition, sequence_cmp,
+};
+
+const RUNNER: &str = env!("CARGO_BIN_EXE_shardwise");
+const FUNCTION: &str = env!("CARGO_BIN_EXE_shardwise-test-function");
+const SHARDS: usize = 4;
+const KEYS: usize = 61;
+
+fn knob(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// One record put: its identity in the stream and what it should have caused.
+#[derive(Debug, Clone)]
+struct Put {
+    id: String,
+    key: String,
+    n: u64,
+    poison: bool,
+    data: String,
+    shard: String,
+    sequence: String,
+}
+
+/// What the stores hold at the end (or at a kill).
+#[derive(Debug, Default)]
+struct Observed {
+    /// record id → (partition key, n, effect time in ns), one entry per effect item.
+    effects: Vec<(String, String, u64, u128)>,
+    /// record id → the dead letters' `data` fields (base64).
+    dead_letters: HashMap<String, Vec<String>>,
+}
+
+/// The stores of one set-up.
+enum Stores {
+    Embedded {
+        db: PathBuf,
+    },
+    Moto {
+        config: Box<aws_config::SdkConfig>,
+        effects_table: String,
+        dead_letter_queue: String,
+        /// Dead letters already taken off the queue (reading SQS consumes).
+        drained: Vec<String>,
+    },
+}
+
+impl Stores {
+    async fn observe(&mut self) -> Observed {
+        let mut observed = Observed::default();
+        let bodies = match self {
+            Stores::Embedded { db } => {
+                let db = std::sync::Arc::new(shardwise::local::LocalDb::open(&*db).unwrap());
+                let table = shardwise::local::SqliteTable::new(db.clone(), "effects");
+                for (_, item) in table.scan().unwrap() {
+                    observed.effects.push(effect_of(&item));
+                }
+                shardwise::local::SqliteQueue::new(db, shardwise::local::queues::DEAD_LETTERS)
+                    .messages(0, 1_000_000)
+                    .unwrap()
+                    .into_iter()
+                    .map(|m| m.body)
+                    .collect::<Vec<_>>()
+            }
+            Stores::Moto {
+                config,
+                effects_table,
+                dead_letter_queue,
+                drained,
+            } => {
+                let client = aws_sdk_dynamodb::Client::new(config);
+                let mut start = None;
+                loop {
+                    let page = client
+                        .scan()
+                        .table_name(effects_table.as_str())
+                        .consistent_read(true)
+                        .set_exclusive_start_key(start)
+                        .send()
+                        .await
+                        .unwrap();
+                    for item in page.items() {
+                        observed.effects.push(effect_of(item));
+                    }
+                    start = page.last_evaluated_key().cloned();
+                    if start.is_none() {
+                        break;
+                    }
+                }
+                drained.extend(shardwise_testkit::drain_queue(config, dead_letter_queue).await);
+                drained.clone()
+            }
+        };
+        for body in bodies {
+            let letter: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let data = letter["data"].as_str().unwrap_or_default().to_owned();
+            let id = base64_simd::STANDARD
+                .decode_to_vec(&data)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+                .and_then(|v| v["id"].as_str().map(str::to_owned))
+                .unwrap_or_else(|| format!("unreadable dead letter: {body}"));
+            observed.dead_letters.entry(id).or_default().push(data);
+        }
+        observed
+    }
+}
+
+fn effect_of(item: &HashMap<String, AttributeValue>) -> (String, String, u64, u128) {
+    let s = |k: &str| match item.get(k) {
+        Some(AttributeValue::S(v)) => v.clone(),
+        _ => String::new(),
+    };
+    let n = |k: &str| match item.get(k) {
+        Some(AttributeValue::N(v)) => v.clone(),
+        _ => String::new(),
+    };
+    (
+        s("record_id"),
+        s("partition_key"),
+        n("n").parse().unwrap(),
+        n("at_ns").parse().unwrap(),
+    )
+}
+
+/// The records of wave `wave`: ids `c{i}`, keys round-robin, about 1 in 40 poison.
+fn wave(rng: &mut StdRng, from: usize, to: usize, per_key: &mut [u64]) -> Vec<Put> {
+    (from..to)
+        .map(|i| {
+            let key_index = rng.random_range(0..KEYS);
+            let n = per_key[key_index];
+            per_key[key_index] += 1;
+            let poison = rng.random_ratio(1, 40);
+            let id = format!("c{i}");
+            let key = format!("card-{key_index}");
+            let data =
+                serde_json::json!({"id": id, "key": key, "n": n, "poison": poison}).to_string();
+            Put {
+                id,
+                key,
+                n,
+                poison,
+                data,
+                shard: String::new(),
+                sequence: String::new(),
+            }
+        })
+        .collect()
+}
+
+async fn put_all<W: StreamWriter>(producer: &Producer<W>, puts: &mut [Put]) {
+    let records: Vec<ProducerRecord> = puts
+        .iter()
+        .map(|p| ProducerRecord::new(p.key.clone(), p.data.clone().into_bytes()))
+        .collect();
+    let report = producer.put(&records, None).await;
+    for (put, outcome) in puts.iter_mut().zip(report.outcomes) {
+        match outcome {
+            PutOutcome::Put {
+                shard_id,
+                sequence_number,
+                ..
+            } => {
+                put.shard = shard_id;
+                put.sequence = sequence_number;
+            }
+            PutOutcome::Failed { message, .. } => panic!("put {}: {message}", put.id),
+        }
+    }
+}
+
+/// How the runner is started for one set-up.
+struct RunnerSetup {
+    dir: PathBuf,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+}
+
+impl RunnerSetup {
+    fn start(&self, until_idle: bool) -> Child {
+        let mut command = Command::new(RUNNER);
+        command
+            .current_dir(&self.dir)
+            .args(["run", "--template", "none.yaml", "--state-dir", "state"])
+            .args(&self.args)
+            .args(["--function", &format!("chaos={FUNCTION}")])
+            .args([
+                "--batch-size",
+                "40",
+                "--parallelization-factor",
+                "2",
+                "--bisect",
+                "true",
+            ])
+            .args(["--report-batch-item-failures", "true", "--quiet"])
+            .args(["--poll-interval", "50ms", "--retry-backoff", "50ms"])
+            .args(["--env", "TEST_FN_MODE=chaos"])
+            .args([
+                "--env",
+                &format!(
+                    "TEST_FN_ATTEMPTS={}",
+                    self.dir.join("attempts.txt").display()
+                ),
+            ])
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if until_idle {
+            command.args(["--until-idle", "2s", "--duration", "240s"]);
+        } else {
+            command.args(["--duration", "240s"]);
+        }
+        command.spawn().unwrap()
+    }
+}
+
+/// Processes whose parent is `pid` (the runner's function instances).
+fn children(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        // Fields after the name: state, ppid, …
+        let mut fields = rest.split_whitespace();
+        let state = fields.next();
+        let ppid = fields.next().and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(pid) && state != Some("Z") {
+            out.push(child);
+        }
+    }
+    out
+}
+
+fn sigkill(pid: u32) {
+    if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+    }
+}
+
+/// What the read-back found; every list must be empty.
+#[derive(Debug, Default)]
+struct Findings {
+    seed: u64,
+    lost: Vec<String>,
+    duplicated: Vec<String>,
+    out_of_order: Vec<String>,
+    acknowledged_unsettled: Vec<String>,
+    good_records_dead_lettered: Vec<String>,
+    /// Records the producer was told were put but that the stream does not hold: a fault of
+    /// the stream (or emulator), not of the pipeline, but it would show as loss.
+    not_in_stream: Vec<String>,
+}
+
+impl Findings {
+    fn assert_clean(&self, name: &str) {
+        let seed = self.seed;
+        assert!(
+            self.not_in_stream.is_empty(),
+            "chaos[{name}] seed {seed}: the stream lacks {:?}",
+            self.not_in_stream
+        );
+        assert!(
+            self.lost.is_empty(),
+            "chaos[{name}] seed {seed}: lost {:?}",
+            self.lost
+        );
+        assert!(
+            self.duplicated.is_empty(),
+            "chaos[{name}] seed {seed}: duplicated {:?}",
+            self.duplicated
+        );
+        assert!(
+            self.out_of_order.is_empty(),
+            "chaos[{name}] seed {seed}: out of order {:?}",
+            self.out_of_order
+        );
+        assert!(
+            self.acknowledged_unsettled.is_empty(),
+            "chaos[{name}] seed {seed}: acknowledged unsettled {:?}",
+            self.acknowledged_unsettled
+        );
+        assert!(
+            self.good_records_dead_lettered.is_empty(),
+            "chaos[{name}] seed {seed}: dead-lettered {:?}",
+            self.good_records_dead_lettered
+        );
+    }
+}
+
+/// Handler attempts so far, and the repeats among them that the conditional put absorbed.
+fn attempts(dir: &Path) -> (usize, usize) {
+    let text = std::fs::read_to_string(dir.join("attempts.txt")).unwrap_or_default();
+    let absorbed = text.lines().filter(|l| l.starts_with('=')).count();
+    (text.lines().count() - absorbed, absorbed)
+}
+
+/// What the schedule did.
+#[derive(Debug, Default)]
+struct Tally {
+    runner_kills: usize,
+    function_kills: usize,
+    checkpoint_checks: usize,
+    acknowledged_unsettled: Vec<String>,
+}
+
+/// Every record at or before its shard's checkpoint must have taken effect or be dead-lettered.
+async fn check_checkpoints(dir: &Path, stores: &mut Stores, puts: &[Put], tally: &mut Tally) {
+    let checkpoints = CheckpointStore::open(dir.join("state/runner.db")).unwrap();
+    let observed = stores.observe().await;
+    let effected: std::collections::HashSet<&str> = observed
+        .effects
+        .iter()
+        .map(|(id, ..)| id.as_str())
+        .collect();
+    let mut cache: HashMap<String, Option<String>> = HashMap::new();
+    for put in puts.iter().filter(|p| !p.sequence.is_empty()) {
+        let checkpoint = cache.entry(put.shard.clone()).or_insert_with(|| {
+            checkpoints
+                .load("chaos", &put.shard)
+                .unwrap()
+                .sequence_number
+        });
+        let Some(checkpoint) = checkpoint else {
+            continue;
+        };
+        let acknowledged = sequence_cmp(&put.sequence, checkpoint).is_le();
+        let settled =
+            effected.contains(put.id.as_str()) || observed.dead_letters.contains_key(&put.id);
+        if acknowledged && !settled {
+            tally.acknowledged_unsettled.push(put.id.clone());
+        }
+    }
+    tally.checkpoint_checks += 1;
+}
+
+/// Run the schedule: half the records first and a runner kill in the middle of that backlog
+/// (the deterministic worst case: a whole read chunk in flight), then `kills` random events
+/// between waves of the other half, then a drain. Returns what the stores showed.
+async fn chaos<W: StreamWriter>(
+    name: &str,
+    producer: Producer<W>,
+    source: Source,
+    setup: RunnerSetup,
+    mut stores: Stores,
+    records: usize,
+    kills: usize,
+) -> Findings {
+    let seed = knob("SHARDWISE_CHAOS_SEED", rand::random::<u32>() as u64);
+    eprintln!(
+        "chaos[{name}]: seed {seed} (SHARDWISE_CHAOS_SEED={seed} replays the schedule), {records} records, {kills} kills"
+    );
+    let mut rng = StdRng::seed_from_u64(seed);
+    let started = Instant::now();
+    let mut per_key = vec![0u64; KEYS];
+    let mut puts: Vec<Put> = Vec::new();
+    let mut tally = Tally::default();
+    let mut opening = wave(&mut rng, 0, records / 2, &mut per_key);
+    put_all(&producer, &mut opening).await;
+    puts.extend(opening);
+    let mut runner = setup.start(false);
+    let opened = Instant::now();
+    while attempts(&setup.dir).0 < records / 10 {
+        assert!(
+            opened.elapsed() < Duration::from_secs(120),
+            "chaos[{name}]: no progress"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    runner.kill().unwrap();
+    runner.wait().unwrap();
+    tally.runner_kills += 1;
+    check_checkpoints(&setup.dir, &mut stores, &puts, &mut tally).await;
+    runner = setup.start(false);
+    for k in 0..kills {
+        let from = puts.len();
+        let to = records / 2 + (records - records / 2) * (k + 1) / (kills + 1);
+        let mut batch = wave(&mut rng, from, to, &mut per_key);
+        put_all(&producer, &mut batch).await;
+        puts.extend(batch);
+        // Soon enough after the wave that its batches are often in flight.
+        tokio::time::sleep(Duration::from_millis(rng.random_range(10..600))).await;
+        if rng.random_ratio(2, 5) {
+            runner.kill().unwrap(); // SIGKILL: no final checkpoint, functions orphaned
+            runner.wait().unwrap();
+            tally.runner_kills += 1;
+            check_checkpoints(&setup.dir, &mut stores, &puts, &mut tally).await;
+            runner = setup.start(false);
+        } else {
+            let instances = children(runner.id());
+            let victims = rng.random_range(1..=2).min(instances.len());
+            for _ in 0..victims {
+                let pid = instances[rng.random_range(0..instances.len())];
+                sigkill(pid);
+                tally.function_kills += 1;
+            }
+        }
+    }
+    let mut last = wave(&mut rng, puts.len(), records, &mut per_key);
+    put_all(&producer, &mut last).await;
+    puts.extend(last);
+    // Let the running runner go on a little, then kill it once more and drain with a fresh one.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    runner.kill().unwrap();
+    runner.wait().unwrap();
+    tally.runner_kills += 1;
+    check_checkpoints(&setup.dir, &mut stores, &puts, &mut tally).await;
+    let mut drain = setup.start(true);
+    let deadline = Instant::now() + Duration::from_secs(240);
+    while drain.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "chaos[{name}]: the draining run did not finish"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    check_checkpoints(&setup.dir, &mut stores, &puts, &mut tally).await;
+
+    // The stores, read back.
+    let observed = stores.observe().await;
+    let mut effects_of: HashMap<&str, usize> = HashMap::new();
+    let mut effect_fields: HashMap<&str, (&str, u64)> = HashMap::new();
+    for (id, key, n, _) in &observed.effects {
+        *effects_of.entry(id.as_str()).or_default() += 1;
+        effect_fields.insert(id.as_str(), (key.as_str(), *n));
+    }
+    let mut lost = Vec::new();
+    let mut duplicated = Vec::new();
+    let mut wrongly_dead_lettered = Vec::new();
+    let mut dead_letters_repeated = 0;
+    for put in &puts {
+        let effects = effects_of.get(put.id.as_str()).copied().unwrap_or(0);
+        let letters = observed
+            .dead_letters
+            .get(&put.id)
+            .map_or(&[][..], Vec::as_slice);
+        if put.poison {
+            let expected = base64_simd::STANDARD.encode_to_string(put.data.as_bytes());
+            if effects > 0 {
+                duplicated.push(format!("{} (poison, took effect)", put.id));
+            }
+            if letters.is_empty() || letters.iter().any(|d| *d != expected) {
+                lost.push(format!(
+                    "{} (poison: {} dead letters, payload kept: {})",
+                    put.id,
+                    letters.len(),
+                    letters.iter().all(|d| *d == expected)
+                ));
+            }
+            dead_letters_repeated += letters.len().saturating_sub(1);
+        } else {
+            // The effect saw the record the stream delivered: its partition key and payload.
+            if let Some(fields) = effect_fields.get(put.id.as_str()) {
+                assert_eq!(
+                    *fields,
+                    (put.key.as_str(), put.n),
+                    "chaos[{name}]: effect of {}",
+                    put.id
+                );
+            }
+            match effects {
+                0 => lost.push(put.id.clone()),
+                1 => {}
+                n => duplicated.push(format!("{} ({n} effects)", put.id)),
+            }
+            if !letters.is_empty() {
+                wrongly_dead_lettered.push(put.id.clone());
+            }
+        }
+    }
+    // The stream itself, read back: every record the producer was told is there, is there.
+    let in_stream = read_back(&source).await;
+    let not_in_stream: Vec<String> = puts
+        .iter()
+        .filter(|p| in_stream.get(&(p.shard.clone(), p.sequence.clone())) != Some(&p.data))
+        .map(|p| format!("{} ({} {})", p.id, p.shard, p.sequence))
+        .collect();
+    // Per key, effects in stream order (a key's records are on one shard).
+    let position: HashMap<&str, &Put> = puts.iter().map(|p| (p.id.as_str(), p)).collect();
+    let mut by_key: BTreeMap<&str, Vec<(u128, &str)>> = BTreeMap::new();
+    for (id, key, _, at) in &observed.effects {
+        by_key
+            .entry(key.as_str())
+            .or_default()
+            .push((*at, id.as_str()));
+    }
+    let mut out_of_order = Vec::new();
+    for (key, mut effects) in by_key {
+        effects.sort();
+        let sequences: Vec<&str> = effects
+            .iter()
+            .filter_map(|(_, id)| position.get(id).map(|p| p.sequence.as_str()))
+            .collect();
+        if let Some(pair) = sequences
+            .windows(2)
+            .find(|w| sequence_cmp(w[0], w[1]).is_ge())
+        {
+            out_of_order.push(format!("{key}: {} took effect before {}", pair[0], pair[1]));
+        }
+    }
+    let (attempts, absorbed) = attempts(&setup.dir);
+    let poison = puts.iter().filter(|p| p.poison).count();
+    eprintln!(
+        "chaos[{name}]: {} records ({poison} poison) on {SHARDS} shards, {} runner kills, {} function kills, \
+         {} checkpoint checks, {:.0} s",
+        puts.len(),
+        tally.runner_kills,
+        tally.function_kills,
+        tally.checkpoint_checks,
+        started.elapsed().as_secs_f64()
+    );
+    eprintln!(
+        "chaos[{name}]: effects {} from {attempts} handler attempts: {absorbed} repeats absorbed by the \
+         conditional put, {} ended before their put (killed, or the store failed); dead letters {} ({dead_letters_repeated} repeated)",
+        observed.effects.len(),
+        attempts.saturating_sub(observed.effects.len() + absorbed),
+        observed.dead_letters.values().map(Vec::len).sum::<usize>(),
+    );
+    eprintln!(
+        "chaos[{name}]: records lost: {}, effects duplicated: {}, out of order: {}, acknowledged unsettled: {}, \
+         good records dead-lettered: {}, put but not in the stream: {}",
+        lost.len(),
+        duplicated.len(),
+        out_of_order.len(),
+        tally.acknowledged_unsettled.len(),
+        wrongly_dead_lettered.len(),
+        not_in_stream.len(),
+    );
+    assert!(tally.runner_kills >= 2, "the schedule must kill the runner");
+    Findings {
+        seed,
+        lost,
+        duplicated,
+        out_of_order,
+        acknowledged_unsettled: tally.acknowledged_unsettled,
+        good_records_dead_lettered: wrongly_dead_lettered,
+        not_in_stream,
+    }
+}
+
+/// Every record of every shard: (shard, sequence number) → data.
+async fn read_back(source: &Source) -> HashMap<(String, String), String> {
+    let mut out = HashMap::new();
+    for shard in source.shards().await.unwrap() {
+        let mut reader = source
+            .open(&shard, Position::Start(StartingPosition::TrimHorizon))
+            .await
+            .unwrap();
+        loop {
+            let batch = reader.read(10_000).await.unwrap();
+            if batch.records.is_empty() {
+                break;
+            }
+            for record in batch.records {
+                out.insert(
+                    (shard.clone(), record.sequence_number),
+                    String::from_utf8_lossy(&record.data).into_owned(),
+                );
+            }
+        }
+    }
+    out
+}
+
+fn records() -> usize {
+    knob("SHARDWISE_CHAOS_RECORDS", 2000) as usize
+}
+
+fn kills() -> usize {
+    knob("SHARDWISE_CHAOS_KILLS", 12) as usize
+}
+
+fn embedded(
+    dir: &Path,
+    env: Vec<(String, String)>,
+) -> (Producer<EmbeddedStream>, Source, RunnerSetup, Stores) {
+    let open = || {
+        EmbeddedStream::open(
+            dir.join("state/stream.db"),
+            "shardwise-transactions",
+            SHARDS as u32,
+        )
+        .unwrap()
+    };
+    let stream = open();
+    let source = Source::Embedded(std::sync::Arc::new(open()));
+    let mut args = vec!["--shards".to_owned(), SHARDS.to_string()];
+    for (key, value) in env {
+        args.extend(["--env".to_owned(), format!("{key}={value}")]);
+    }
+    let setup = RunnerSetup {
+        dir: dir.to_path_buf(),
+        args,
+        env: vec![],
+    };
+    let stores = Stores::Embedded {
+        db: dir.join("state/local.db"),
+    };
+    (Producer::new(stream), source, setup, stores)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_stream_and_sqlite_stores_survive_random_kills() {
+    let dir = tempfile::tempdir().unwrap();
+    // The embedded stores answer in microseconds; a handler's usual I/O time keeps invocations
+    // in flight long enough for kills to find them.
+    let delay = vec![("TEST_FN_CHAOS_DELAY_MS".to_owned(), "2".to_owned())];
+    let (producer, source, setup, stores) = embedded(dir.path(), delay);
+    chaos(
+        "embedded",
+        producer,
+        source,
+        setup,
+        stores,
+        records(),
+        kills(),
+    )
+    .await
+    .assert_clean("embedded");
+}
+
+/// The checks are not vacuous: the same schedule against a function without idempotency (no
+/// gate, no conditional effect) must show the redelivered records taking effect twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chaos_checks_catch_a_function_without_idempotency() {
+    let dir = tempfile::tempdir().unwrap();
+    let sabotage = vec![(
+        "TEST_FN_CHAOS_SABOTAGE".to_owned(),
+        "no-idempotency".to_owned(),
+    )];
+    let (producer, source, setup, stores) = embedded(dir.path(), sabotage);
+    let findings = chaos("sabotaged", producer, source, setup, stores, 1000, 3).await;
+    assert!(
+        !findings.duplicated.is_empty(),
+        "a runner killed mid-backlog redelivers effected records: {findings:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kinesis_dynamodb_and_sqs_on_moto_survive_random_kills() {
+    let Some(config) = shardwise_testkit::moto_config().await else {
+        return;
+    };
+    let endpoint = std::env::var("SHARDWISE_MOTO_ENDPOINT").unwrap();
+    let kinesis = aws_sdk_kinesis::Client::new(&config);
+    let stream = shardwise_testkit::unique_name("chaos");
+    kinesis
+        .create_stream()
+        .stream_name(&stream)
+        .shard_count(SHARDS as i32)
+        .send()
+        .await
+        .unwrap();
+    use shardwise_testkit::KeyType;
+    let idempotency =
+        shardwise_testkit::create_table(&config, "chaos-idem", &[("id", KeyType::Hash)]).await;
+    let effects_table =
+        shardwise_testkit::create_table(&config, "chaos-effects", &[("id", KeyType::Hash)]).await;
+    let dead_letter_queue = shardwise_testkit::create_queue(&config, "chaos-dlq").await;
+    let dir = tempfile::tempdir().unwrap();
+    let setup = RunnerSetup {
+        dir: dir.path().to_path_buf(),
+        args: vec![
+            "--source".into(),
+            "kinesis".into(),
+            "--stream".into(),
+            stream.clone(),
+            "--backend".into(),
+            "aws".into(),
+            "--env".into(),
+            format!("IDEMPOTENCY_TABLE={idempotency}"),
+            "--env".into(),
+            format!("EFFECTS_TABLE={effects_table}"),
+            "--env".into(),
+            format!("DEAD_LETTER_QUEUE_URL={dead_letter_queue}"),
+        ],
+        env: vec![
+            ("AWS_ENDPOINT_URL".into(), endpoint),
+            ("AWS_REGION".into(), "us-east-1".into()),
+            ("AWS_ACCESS_KEY_ID".into(), "test".into()),
+            ("AWS_SECRET_ACCESS_KEY".into(), "test".into()),
+            ("AWS_EC2_METADATA_DISABLED".into(), "true".into()),
+        ],
+    };
+    let stores = Stores::Moto {
+        config: Box::new(config.clone()),
+        effects_table,
+        dead_letter_queue,
+        drained: Vec::new(),
+    };
+    let source = Source::Kinesis(std::sync::Arc::new(
+        KinesisSource::connect(kinesis.clone(), &stream)
+            .await
+            .unwrap(),
+    ));
+    // One PutRecords call at a time: moto's Kinesis assigns a sequence number as "the shard's
+    // highest plus one" without a lock, so concurrent calls can give two records one number and
+    // keep only one of them (the read-back below caught exactly that). Kinesis itself has no
+    // such limit; the producer's default is 4 calls in flight.
+    let producer = Producer::new(KinesisStreamWriter::new(
+        kinesis,
+        StreamTarget::Name(stream),
+    ))
+    .max_in_flight(1);
+    chaos("moto", producer, source, setup, stores, records(), kills())
+        .await
+        .assert_clean("moto");
+}
