@@ -1485,7 +1485,16 @@ fn the_checks_catch_deliberate_defects() {
     let (f, result) = run_suite(false, Sabotage::ForgetfulGate, cases, 60);
     assert!(result.is_err() && f.duplicated > 0, "forgetful gate: {f:?}");
     let (f, result) = run_suite(true, Sabotage::SilentSettle, cases, 60);
-    assert!(result.is_err() && f.duplicated > 0, "silent settle: {f:?}");
+    // A gate that writes no settlements shows one of two ways, depending on the case drawn:
+    // with record keys the redelivered records take effect again; with payload keys their
+    // claims are never released, so a later fault-free delivery still hands them back.
+    let stalled = result
+        .as_ref()
+        .is_err_and(|e| e.contains("a delivery without faults handed records back"));
+    assert!(
+        result.is_err() && (f.duplicated > 0 || stalled),
+        "silent settle: {f:?} {result:?}"
+    );
     let (f, result) = run_suite(false, Sabotage::LyingSink, cases, 60);
     assert!(result.is_err() && f.lost > 0, "lying sink: {f:?}");
     let (f, result) = run_suite(true, Sabotage::ReversedBatches, cases, 60);
