@@ -372,7 +372,8 @@ pub async fn prepare_run(args: &RunArgs, view: ViewMode) -> anyhow::Result<RunCo
     // Before any process of ours starts: a runner killed on this state directory may have left
     // its function processes running, one perhaps mid-invocation.
     let sandboxes = absolute(&args.stream.state_dir).join("sandboxes");
-    crate::sandbox::stop_stale(&sandboxes);
+    let names: Vec<&str> = functions.iter().map(|f| f.name.as_str()).collect();
+    crate::sandbox::stop_stale(&sandboxes, &names);
     let mut runs = Vec::new();
     for function in functions {
         let factor = function.settings.parallelization_factor.max(1) as usize;

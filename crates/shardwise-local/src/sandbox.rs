@@ -6,8 +6,9 @@
 //! checkpoint to a new process: two invocations of one shard at once, which Lambda never does
 //! and which Shardwise's idempotency relies on (record keys take no lock, because a shard's
 //! records go to one invocation at a time). So every process the runner starts is recorded in
-//! `<state-dir>/sandboxes/`, and a runner stops the recorded processes that still run before it
-//! starts its own.
+//! `<state-dir>/sandboxes/`, and a runner stops the recorded processes of the functions it is
+//! about to run that still run before it starts its own. Another runner's functions on the same
+//! state directory (one terminal per function) are left alone.
 //!
 //! A process is identified by its id *and* its start time (from `/proc`), so a recycled id never
 //! gets another program killed. Where `/proc` is missing nothing is stopped.
@@ -40,16 +41,27 @@ impl SandboxFile {
     }
 }
 
-/// Stop every recorded process of `dir` that still runs. Returns how many were stopped.
-pub fn stop_stale(dir: &Path) -> usize {
+/// Stop every recorded process of `functions` in `dir` that still runs. Returns how many were
+/// stopped.
+pub fn stop_stale(dir: &Path, functions: &[&str]) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return 0;
     };
     let mut stopped = 0;
     for entry in entries.flatten() {
         let path = entry.path();
-        if path.extension().is_some_and(|e| e == "pid")
-            && let Ok(text) = std::fs::read_to_string(&path)
+        let ours = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".pid"))
+            .and_then(|n| n.rsplit_once('-'))
+            .is_some_and(|(function, instance)| {
+                functions.contains(&function) && instance.parse::<usize>().is_ok()
+            });
+        if !ours {
+            continue;
+        }
+        if let Ok(text) = std::fs::read_to_string(&path)
             && let Some((pid, started)) = parse(&text)
             && start_time(pid) == Some(started)
             && let Some(id) = i32::try_from(pid)
@@ -95,22 +107,33 @@ mod tests {
     #[test]
     fn a_recorded_process_that_still_runs_is_stopped_and_a_recycled_id_is_not() {
         let dir = tempfile::tempdir().unwrap();
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .spawn()
-            .unwrap();
-        SandboxFile::new(dir.path(), "f", 0).record(child.id());
+        let sleep = || {
+            std::process::Command::new("sleep")
+                .arg("30")
+                .spawn()
+                .unwrap()
+        };
+        let (mut child, mut other) = (sleep(), sleep());
+        SandboxFile::new(dir.path(), "my-fn", 0).record(child.id());
+        // Another function's process (another runner on the same state directory): left alone.
+        SandboxFile::new(dir.path(), "other", 0).record(other.id());
         // The same id with another start time: a recycled id, left alone.
         std::fs::write(
-            dir.path().join("g-0.pid"),
+            dir.path().join("my-fn-1.pid"),
             format!("{} 1\n", std::process::id()),
         )
         .unwrap();
-        assert_eq!(stop_stale(dir.path()), 1);
-        let status = child.wait().unwrap();
-        assert!(!status.success(), "{status:?}");
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
-        assert_eq!(stop_stale(dir.path()), 0);
+        assert_eq!(stop_stale(dir.path(), &["my-fn"]), 1);
+        assert!(!child.wait().unwrap().success());
+        assert!(
+            other.try_wait().unwrap().is_none(),
+            "another runner's process was stopped"
+        );
+        // The recycled id's record is gone too; the other function's stays.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+        assert_eq!(stop_stale(dir.path(), &["my-fn"]), 0);
+        assert_eq!(stop_stale(dir.path(), &["other"]), 1);
+        assert!(!other.wait().unwrap().success());
     }
 
     #[test]
