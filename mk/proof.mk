@@ -6,7 +6,8 @@
 #   make proptest-long             the processor under faults over >= 10,000 generated batches
 #                                  (release; PROPTEST_LONG_CASES per mode, default 10,000; batches up to 10,000 records)
 #   make chaos                     random SIGKILLs of the runner and function processes over the
-#                                  local pipeline (embedded + moto), as CI runs it
+#                                  local pipeline (test function on embedded + moto, and the real
+#                                  fraud + aggregation), as CI runs it
 #   make chaos-long                the same over CHAOS_LONG_RECORDS (10,000) records and
 #                                  CHAOS_LONG_KILLS (60) kill events per set-up
 #   make fuzz-build                the libFuzzer binaries, on the stable toolchain
@@ -62,15 +63,20 @@ proptest-long:
 
 # The moto set-up needs the emulator: scripts/moto.sh starts one for the run (on its own port, so
 # it does not disturb a moto `make test` started).
+# The real functions' test needs them built with their local backends, where it can find them.
+CHAOS_BIN_DIR = $${CARGO_TARGET_DIR:-$(PROOF_ROOT)/target}/debug
+CHAOS_ENV = PATH="$(PROOF_ROOT)/.venv/bin:$$PATH" SHARDWISE_REQUIRE_MOTO=1 SHARDWISE_REQUIRE_FUNCTIONS=1 \
+  SHARDWISE_FUNCTIONS_BIN_DIR=$(CHAOS_BIN_DIR) $(PROOF_CARGO_ENV)
+CHAOS_FUNCTIONS_BUILD = cargo build -p fraud -p aggregation --features fraud/local,aggregation/local
+
 chaos:
-	cd $(PROOF_ROOT) && PATH="$(PROOF_ROOT)/.venv/bin:$$PATH" SHARDWISE_REQUIRE_MOTO=1 \
-	  $(PROOF_CARGO_ENV) scripts/moto.sh run \
+	cd $(PROOF_ROOT) && $(PROOF_CARGO_ENV) $(CHAOS_FUNCTIONS_BUILD) && $(CHAOS_ENV) scripts/moto.sh run \
 	  cargo test -p shardwise-local --test chaos -- --nocapture --test-threads 1
 
 chaos-long:
-	cd $(PROOF_ROOT) && PATH="$(PROOF_ROOT)/.venv/bin:$$PATH" SHARDWISE_REQUIRE_MOTO=1 \
+	cd $(PROOF_ROOT) && $(PROOF_CARGO_ENV) $(CHAOS_FUNCTIONS_BUILD) && $(CHAOS_ENV) \
 	  SHARDWISE_CHAOS_RECORDS=$(CHAOS_LONG_RECORDS) SHARDWISE_CHAOS_KILLS=$(CHAOS_LONG_KILLS) \
-	  $(PROOF_CARGO_ENV) scripts/moto.sh run \
+	  SHARDWISE_CHAOS_FUNCTION_RECORDS=$(CHAOS_LONG_RECORDS) scripts/moto.sh run \
 	  cargo test -p shardwise-local --test chaos -- --nocapture --test-threads 1 survive_random_kills
 
 fuzz-build:

@@ -7,7 +7,8 @@
 #   5. make validate: sam validate --lint, scripts/check_template.py, checkov
 #   6. make build ARCH=x86_64 (sam build, release)
 #   7. make invoke-check: each function under cargo lambda watch, invoked with events/ samples
-#   8. make demo (20 s, checked) and the other local-runner targets on small inputs
+#   8. make demo (20 s, checked), chaos on the real functions, and the other local-runner
+#      targets on small inputs
 #   9. make lint: cargo fmt --check, clippy -D warnings
 # Every step runs even when an earlier one failed (one run shows every problem); the exit
 # status is non-zero when any failed.
@@ -89,6 +90,12 @@ step "make invoke-check" make --no-print-directory invoke-check
 # The README's first command, shortened; CHECK=1 fails unless every record was acknowledged,
 # poison was dead-lettered, alerts were raised and windows written.
 step "make demo (20 s)" make --no-print-directory demo DURATION=20s PLAIN=10s CHECK=1
+# The real fraud and aggregation binaries under random kills (crates/shardwise-local/tests/chaos.rs):
+# here rather than in `cargo test`, which builds the functions without their local backends; the
+# demo step above built them with.
+step "chaos on the real functions" env SHARDWISE_FUNCTIONS_BIN_DIR="$CARGO_TARGET_DIR/debug" \
+  SHARDWISE_REQUIRE_FUNCTIONS=1 cargo test -p shardwise-local --test chaos the_real_functions \
+  -- --nocapture
 # The other local-runner targets, on small inputs, so none of them can rot.
 step "local runner targets" sh -c 'make --no-print-directory loadgen RATE=200 DURATION=3s &&
   make --no-print-directory run ARGS="--until-idle 2s --tumbling-window 3s --duration 60s --plain 10s" &&

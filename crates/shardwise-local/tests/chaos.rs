@@ -755,3 +755,317 @@ async fn kinesis_dynamodb_and_sqs_on_moto_survive_random_kills() {
         .await
         .assert_clean("moto");
 }
+
+/// A card transaction for the real functions; about 1 in 50 is poison (not JSON) and 1 in 30
+/// is at the blocklisted merchant (fraud must alert on it exactly once).
+fn transaction(rng: &mut StdRng, i: usize) -> (String, String, bool, bool) {
+    let card = format!("card-{:04}", rng.random_range(0..300));
+    if rng.random_ratio(1, 50) {
+        return (
+            card,
+            format!("{{\"transaction_id\":\"tx-{i}\", not json"),
+            true,
+            false,
+        );
+    }
+    let blocked = rng.random_ratio(1, 30);
+    let merchant = if blocked {
+        BLOCKED_MERCHANT.to_owned()
+    } else {
+        format!("m-{:05}", rng.random_range(0..400))
+    };
+    let category = ["5411", "5812", "5999", "4111"][rng.random_range(0..4)];
+    let cents: u32 = rng.random_range(100..20_000);
+    let data = serde_json::json!({
+        "transaction_id": format!("tx-{i}"),
+        "card_id": card,
+        "merchant_id": merchant,
+        "merchant_category": category,
+        "amount": f64::from(cents) / 100.0,
+        "currency": "EUR",
+        "country": "DE",
+        "lat": 52.52,
+        "lon": 13.405,
+        "timestamp": "2026-11-26T10:00:00Z",
+        "channel": "pos",
+    })
+    .to_string();
+    (card, data, false, blocked)
+}
+
+const BLOCKED_MERCHANT: &str = "m-blocked-0001";
+
+/// `fraud` and `aggregation`, the real binaries with their local backends, each under its own
+/// runner on one state directory (aggregation's tumbling window shortened to 2 s), killed at
+/// random like the test function above. Checked from the stores: fraud alerted on every
+/// blocklisted transaction and never twice on one; aggregation's window items add up, per
+/// merchant category, to exactly the good transactions put (nothing counted twice or missed);
+/// each function dead-lettered every poison record with its payload.
+///
+/// Needs the binaries built with `--features fraud/local,aggregation/local` (`make local-build`)
+/// in `SHARDWISE_FUNCTIONS_BIN_DIR`; `make test` provides them, and `SHARDWISE_REQUIRE_FUNCTIONS=1`
+/// makes their absence a failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_functions_survive_random_kills() {
+    let Some(bin_dir) = std::env::var_os("SHARDWISE_FUNCTIONS_BIN_DIR").map(PathBuf::from) else {
+        assert!(
+            std::env::var("SHARDWISE_REQUIRE_FUNCTIONS").as_deref() != Ok("1"),
+            "SHARDWISE_REQUIRE_FUNCTIONS=1 but SHARDWISE_FUNCTIONS_BIN_DIR is not set"
+        );
+        eprintln!("skipped: SHARDWISE_FUNCTIONS_BIN_DIR is not set (make test sets it)");
+        return;
+    };
+    let bin_dir = std::path::absolute(bin_dir).unwrap();
+    let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../template.yaml");
+    let records = knob("SHARDWISE_CHAOS_FUNCTION_RECORDS", 1500) as usize;
+    let kills = kills();
+    let seed = knob("SHARDWISE_CHAOS_SEED", rand::random::<u32>() as u64);
+    eprintln!("chaos[functions]: seed {seed}, {records} records, {kills} kills");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let dir = tempfile::tempdir().unwrap();
+    let stream = EmbeddedStream::open(
+        dir.path().join("state/stream.db"),
+        "shardwise-transactions",
+        SHARDS as u32,
+    )
+    .unwrap();
+    let runner = |function: &str, extra: &[&str], until_idle: bool| {
+        let mut command = Command::new(RUNNER);
+        command
+            .current_dir(dir.path())
+            .args([
+                "run",
+                "--state-dir",
+                "state",
+                "--shards",
+                &SHARDS.to_string(),
+            ])
+            .arg("--template")
+            .arg(&template)
+            .arg("--bin-dir")
+            .arg(&bin_dir)
+            .args(["--function", function, "--quiet"])
+            .args(["--poll-interval", "50ms", "--retry-backoff", "50ms"])
+            .args([
+                "--env",
+                &format!("FRAUD_BLOCKED_MERCHANTS={BLOCKED_MERCHANT}"),
+            ])
+            .args(["--env", "RUST_LOG=warn"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(dir.path().join(format!("runner-{function}.log")))
+                    .unwrap(),
+            );
+        if until_idle {
+            command.args(["--until-idle", "3s", "--duration", "240s"]);
+        } else {
+            command.args(["--duration", "240s"]);
+        }
+        command.spawn().unwrap()
+    };
+    let window: &[&str] = &["--tumbling-window", "2s"];
+    let start = |which: usize| {
+        if which == 0 {
+            runner("fraud", &[], false)
+        } else {
+            runner("aggregation", window, false)
+        }
+    };
+    let started = Instant::now();
+    let mut runners = [start(0), start(1)];
+    let mut puts: Vec<(String, String, bool, bool)> = Vec::new();
+    let (mut runner_kills, mut function_kills) = (0, 0);
+    for k in 0..=kills {
+        let to = records * (k + 1) / (kills + 1);
+        let wave: Vec<_> = (puts.len()..to).map(|i| transaction(&mut rng, i)).collect();
+        let entries: Vec<shardwise::producer::PutEntry<'_>> = wave
+            .iter()
+            .map(|(card, data, ..)| shardwise::producer::PutEntry {
+                partition_key: card,
+                explicit_hash_key: None,
+                data: data.as_bytes(),
+            })
+            .collect();
+        stream.append(&entries, shardwise_local::now_ms()).unwrap();
+        puts.extend(wave);
+        if k == kills {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(rng.random_range(10..800))).await;
+        for (r, name) in runners.iter_mut().zip(["fraud", "aggregation"]) {
+            if let Some(status) = r.try_wait().unwrap() {
+                let log = std::fs::read_to_string(dir.path().join(format!("runner-{name}.log")));
+                panic!("the {name} runner exited by itself ({status}): {log:?}");
+            }
+        }
+        let which = rng.random_range(0..2);
+        if rng.random_ratio(2, 5) {
+            runners[which].kill().unwrap();
+            runners[which].wait().unwrap();
+            runner_kills += 1;
+            runners[which] = start(which);
+        } else {
+            let instances = children(runners[which].id());
+            if let Some(&pid) = instances.get(rng.random_range(0..instances.len().max(1))) {
+                sigkill(pid);
+                function_kills += 1;
+            }
+        }
+    }
+    for mut r in runners {
+        r.kill().unwrap();
+        r.wait().unwrap();
+    }
+    let mut drains = [
+        runner("fraud", &[], true),
+        runner("aggregation", window, true),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(240);
+    for drain in &mut drains {
+        while drain.try_wait().unwrap().is_none() {
+            assert!(
+                Instant::now() < deadline,
+                "chaos[functions]: the drain did not finish"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    let db = std::sync::Arc::new(
+        shardwise::local::LocalDb::open(dir.path().join("state/local.db")).unwrap(),
+    );
+    let queue = |name: &str| {
+        shardwise::local::SqliteQueue::new(db.clone(), name)
+            .messages(0, 1_000_000)
+            .unwrap()
+            .into_iter()
+            .map(|m| serde_json::from_str::<serde_json::Value>(&m.body).unwrap())
+            .collect::<Vec<_>>()
+    };
+    // fraud: one alert per blocklisted transaction, none twice.
+    let mut alerts: HashMap<String, usize> = HashMap::new();
+    for alert in queue(shardwise::local::queues::ALERTS) {
+        *alerts
+            .entry(
+                alert["transactionId"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+            .or_default() += 1;
+    }
+    let alerted_twice: Vec<&String> = alerts
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(t, _)| t)
+        .collect();
+    let blocked: Vec<String> = puts
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| p.3)
+        .map(|(i, _)| format!("tx-{i}"))
+        .collect();
+    let not_alerted: Vec<&String> = blocked
+        .iter()
+        .filter(|t| !alerts.contains_key(*t))
+        .collect();
+    // Both functions: every poison record dead-lettered with its payload.
+    let mut letters: HashMap<(String, String), usize> = HashMap::new();
+    for letter in queue(shardwise::local::queues::DEAD_LETTERS) {
+        let function = letter["functionName"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let data = letter["data"].as_str().unwrap_or_default().to_owned();
+        *letters.entry((function, data)).or_default() += 1;
+    }
+    let functions: std::collections::BTreeSet<&str> =
+        letters.keys().map(|(f, _)| f.as_str()).collect();
+    let poison: Vec<String> = puts
+        .iter()
+        .filter(|p| p.2)
+        .map(|p| base64_simd::STANDARD.encode_to_string(p.1.as_bytes()))
+        .collect();
+    let mut poison_missing = Vec::new();
+    for function in ["fraud", "aggregation"] {
+        for data in &poison {
+            if !letters.contains_key(&(function.to_owned(), data.clone())) {
+                poison_missing.push(format!("{function}: {data}"));
+            }
+        }
+    }
+    // aggregation: per category, the window items add up to the good transactions.
+    let mut expected: BTreeMap<String, (u64, i64)> = BTreeMap::new();
+    for (_, data, is_poison, _) in &puts {
+        if *is_poison {
+            continue;
+        }
+        let tx: serde_json::Value = serde_json::from_str(data).unwrap();
+        let entry = expected
+            .entry(tx["merchant_category"].as_str().unwrap().to_owned())
+            .or_default();
+        entry.0 += 1;
+        entry.1 += (tx["amount"].as_f64().unwrap() * 1000.0).round() as i64;
+    }
+    let mut got: BTreeMap<String, (u64, i64)> = BTreeMap::new();
+    let items = shardwise::local::SqliteTable::new(db.clone(), "aggregates")
+        .scan()
+        .unwrap();
+    for (_, item) in &items {
+        let json = shardwise::local::item_to_json(item);
+        let number = |k: &str| {
+            json[k]["N"]
+                .as_str()
+                .and_then(|n| n.parse::<f64>().ok())
+                .unwrap_or(f64::NAN)
+        };
+        let entry = got
+            .entry(
+                json["merchant_category"]["S"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+            .or_default();
+        entry.0 += number("count") as u64;
+        // `sum` is stored in units; thousandths, rounded, are what the function added up.
+        entry.1 += (number("sum") * 1000.0).round() as i64;
+    }
+    eprintln!(
+        "chaos[functions]: {} transactions ({} poison, {} blocklisted) on {SHARDS} shards, {runner_kills} runner kills, \
+         {function_kills} function kills, {:.0} s",
+        puts.len(),
+        poison.len(),
+        blocked.len(),
+        started.elapsed().as_secs_f64()
+    );
+    eprintln!(
+        "chaos[functions]: fraud: {} alerts, {} blocklisted not alerted, {} alerted twice; aggregation: {} window items, \
+         per category (count, sum) expected {expected:?}, got {got:?}; dead letters from {functions:?}, {} missing",
+        alerts.values().sum::<usize>(),
+        not_alerted.len(),
+        alerted_twice.len(),
+        items.len(),
+        poison_missing.len()
+    );
+    if std::env::var_os("SHARDWISE_CHAOS_KEEP").is_some() {
+        eprintln!("chaos[functions]: state kept in {}", dir.keep().display());
+    }
+    assert!(
+        not_alerted.is_empty(),
+        "seed {seed}: no alert for {not_alerted:?}"
+    );
+    assert!(
+        alerted_twice.is_empty(),
+        "seed {seed}: alerted twice: {alerted_twice:?}"
+    );
+    assert_eq!(got, expected, "seed {seed}: aggregates");
+    assert!(
+        poison_missing.is_empty(),
+        "seed {seed}: not dead-lettered: {poison_missing:?}"
+    );
+}
