@@ -10,8 +10,9 @@
 //! about to run that still run before it starts its own. Another runner's functions on the same
 //! state directory (one terminal per function) are left alone.
 //!
-//! A process is identified by its id *and* its start time (from `/proc`), so a recycled id never
-//! gets another program killed. Where `/proc` is missing nothing is stopped.
+//! A process is identified by its id *and* its start time (from `/proc`), so a recycled id does
+//! not get another program killed (short of a new process with the same id started in the
+//! same clock tick of another boot). Where `/proc` is missing nothing is stopped.
 
 use std::path::{Path, PathBuf};
 
@@ -32,7 +33,11 @@ impl SandboxFile {
         if let Some(parent) = self.0.parent() {
             let _ = std::fs::create_dir_all(parent);
         }
-        let _ = std::fs::write(&self.0, format!("{pid} {started}\n"));
+        // Written aside and renamed: a runner killed mid-write leaves no half record.
+        let partial = self.0.with_extension("pid.partial");
+        if std::fs::write(&partial, format!("{pid} {started}\n")).is_ok() {
+            let _ = std::fs::rename(&partial, &self.0);
+        }
     }
 
     /// The process exited (or was killed by this runner).

@@ -10,7 +10,7 @@
 //! Backends follow `SHARDWISE_BACKEND`: `local` → the SQLite file `SHARDWISE_LOCAL_DB` (table
 //! `effects`); otherwise DynamoDB and SQS: `IDEMPOTENCY_TABLE`, `DEAD_LETTER_QUEUE_URL`,
 //! `EFFECTS_TABLE` (partition key `id`). Each effect is one conditional put of
-//! `{id: gate key, record_id, partition_key, n, at_ns, pid}`; `TEST_FN_ATTEMPTS`, when set, gets a
+//! `{id: gate key, record_id, partition_key, n, at_ns (monotonic clock), pid}`; `TEST_FN_ATTEMPTS`, when set, gets a
 //! line per attempt (the record id) and one per repeat the condition absorbed (`=` and the id).
 //! `TEST_FN_CHAOS_DELAY_MS` makes each effect take that long first (a handler's I/O), so that
 //! kills find invocations in flight.
@@ -21,7 +21,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use serde::Deserialize;
@@ -131,9 +130,11 @@ impl<'d, E: EffectStore> RecordHandler<'d> for ChaosHandler<E> {
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;
         }
-        let at_ns = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
+        // The monotonic clock: one for every process on the machine, and never stepped back
+        // (the wall clock may be), so effect times order effects across processes.
+        let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+        let at_ns = u128::try_from(now.tv_sec).unwrap_or(0) * 1_000_000_000
+            + u128::try_from(now.tv_nsec).unwrap_or(0);
         let key = if self.key_per_attempt {
             format!("{key}#{at_ns}")
         } else {
