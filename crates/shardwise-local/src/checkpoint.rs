@@ -4,7 +4,6 @@
 
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::Duration;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -35,11 +34,8 @@ impl CheckpointStore {
         if let Some(parent) = path.as_ref().parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| CheckpointError(e.to_string()))?;
         }
-        let conn = Connection::open(path).map_err(wrap)?;
-        conn.busy_timeout(Duration::from_secs(10)).map_err(wrap)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(wrap)?;
-        conn.execute_batch(
+        let conn = shardwise::local::open_shared(
+            path.as_ref(),
             "CREATE TABLE IF NOT EXISTS checkpoints (
                 function TEXT NOT NULL, shard TEXT NOT NULL, sequence_number TEXT,
                 window_start INTEGER, window_state TEXT, updated_ms INTEGER NOT NULL,

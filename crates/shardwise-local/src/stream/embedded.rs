@@ -9,7 +9,6 @@
 
 use std::path::Path;
 use std::sync::Mutex;
-use std::time::Duration;
 
 use md5::{Digest, Md5};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -41,13 +40,8 @@ impl EmbeddedStream {
         }
         let path = path_ref.display().to_string();
         let err = sqlite(&path);
-        let conn = Connection::open(path_ref).map_err(&err)?;
-        conn.busy_timeout(Duration::from_secs(10)).map_err(&err)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(&err)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(&err)?;
-        conn.execute_batch(
+        let conn = shardwise::local::open_shared(
+            path_ref,
             "CREATE TABLE IF NOT EXISTS streams (name TEXT PRIMARY KEY, shard_count INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS records (
                  stream TEXT NOT NULL, shard INTEGER NOT NULL, seq INTEGER NOT NULL,

@@ -102,6 +102,40 @@ CREATE TABLE IF NOT EXISTS items (
 );
 ";
 
+/// Open (creating if needed) an SQLite file shared by several processes — WAL mode, `NORMAL`
+/// sync, a busy timeout — and run `schema` on it.
+///
+/// Several processes open a fresh state directory at once (a runner per function, a function's
+/// instances), and SQLite answers `SQLITE_BUSY` at once, without waiting out the busy timeout,
+/// when two connections race to switch a new file to WAL or to create its tables (waiting
+/// could deadlock them). So the whole sequence is retried, after a short pause, until
+/// [`BUSY_TIMEOUT`] has passed.
+pub fn open_shared(path: &Path, schema: &str) -> rusqlite::Result<Connection> {
+    let give_up = std::time::Instant::now() + BUSY_TIMEOUT;
+    let mut pause = Duration::from_millis(5);
+    loop {
+        let attempt = Connection::open(path).and_then(|conn| {
+            conn.busy_timeout(BUSY_TIMEOUT)?;
+            // WAL: readers never block the writer; NORMAL sync is durable across process
+            // crashes (what the runner's kill tests need), just not across power loss.
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+            conn.execute_batch(schema)?;
+            Ok(conn)
+        });
+        match attempt {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < give_up =>
+            {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(200));
+            }
+            other => return other,
+        }
+    }
+}
+
 impl LocalDb {
     /// Open (creating if needed) the database at `path`, in WAL mode with a busy timeout.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, LocalError> {
@@ -116,15 +150,7 @@ impl LocalDb {
                 message: format!("cannot create {}: {e}", parent.display()),
             })?;
         }
-        let conn = Connection::open(&path).map_err(wrap)?;
-        conn.busy_timeout(BUSY_TIMEOUT).map_err(wrap)?;
-        // WAL: readers never block the writer; NORMAL sync is durable across process crashes
-        // (what the runner's kill tests need), just not across power loss.
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(wrap)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(wrap)?;
-        conn.execute_batch(SCHEMA).map_err(wrap)?;
+        let conn = open_shared(&path, SCHEMA).map_err(wrap)?;
         Ok(Self {
             path,
             conn: Mutex::new(conn),
@@ -189,6 +215,29 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
+
+    /// A runner per function and every function instance open a fresh state directory at
+    /// once: none of them may fail with "database is locked".
+    #[test]
+    fn many_connections_opening_a_fresh_file_at_once_all_succeed() {
+        for round in 0..20 {
+            let path = std::env::temp_dir()
+                .join(format!("shardwise-open-{}-{round}.db", std::process::id()));
+            let opened: Vec<_> = (0..8)
+                .map(|_| {
+                    let path = path.clone();
+                    std::thread::spawn(move || LocalDb::open(&path).map(|_| ()))
+                })
+                .collect();
+            for handle in opened {
+                let result = handle.join().unwrap();
+                assert!(result.is_ok(), "{result:?}");
+            }
+            for suffix in ["", "-wal", "-shm"] {
+                let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+            }
+        }
+    }
 
     #[test]
     fn the_backend_is_chosen_explicitly() {
