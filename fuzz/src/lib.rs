@@ -16,10 +16,8 @@ use shardwise::event::{DecodedBatch, KinesisEvent, parse_event};
 use shardwise::kpl::{self, AggregateEntry, KPL_MAGIC, MAX_DEAGGREGATED_BYTES, UserRecord};
 use shardwise::processor::Invocation;
 use shardwise::retry::ExponentialBackoff;
-use shardwise::window::{
-    WindowEnd, WindowEvent, WindowHandler, WindowProcessor, WindowRecordHandler, decode_state,
-    encode_state, raw_state,
-};
+use shardwise::testing::CountPerKey;
+use shardwise::window::{WindowEvent, WindowProcessor, decode_state, encode_state, raw_state};
 use shardwise::{HandlerError, InMemoryDeadLetterSink, Json, Processor, Record, RecordHandler};
 
 /// No single allocation may exceed this many bytes, plus [`BYTES_PER_INPUT_BYTE`] per byte of
@@ -224,42 +222,6 @@ struct Totals {
     by_key: BTreeMap<String, u64>,
 }
 
-/// Counts records per partition key, like AWS's example.
-#[derive(Debug)]
-struct CountPerKey;
-
-impl WindowHandler for CountPerKey {
-    type State = BTreeMap<String, u64>;
-    type Contribution = String;
-
-    fn fold(&self, state: &mut Self::State, key: String) {
-        let count = state.entry(key).or_default();
-        *count = count.saturating_add(1);
-    }
-
-    async fn on_window_end(
-        &self,
-        _: &Self::State,
-        end: &WindowEnd<'_>,
-    ) -> Result<(), HandlerError> {
-        let _ = end.window.start.to_rfc3339();
-        let _ = end.window.end.to_rfc3339();
-        Ok(())
-    }
-}
-
-impl<'d> WindowRecordHandler<'d> for CountPerKey {
-    type Payload = &'d [u8];
-
-    async fn contribute(
-        &self,
-        record: &Record<'d>,
-        _: &&'d [u8],
-    ) -> Result<Option<String>, HandlerError> {
-        Ok(Some(record.partition_key.to_owned()))
-    }
-}
-
 /// Window state decoding (two state types, with a round trip), the window event, and the
 /// window processor on the input as an event.
 pub fn window_state(data: &[u8]) {
@@ -272,7 +234,7 @@ pub fn window_state(data: &[u8]) {
     if let Ok(window) = parse_event::<WindowEvent<'_>>(data) {
         let _ = window.window.start.to_rfc3339();
         let _ = window.window.end.to_rfc3339();
-        let processor = WindowProcessor::new(CountPerKey, InMemoryDeadLetterSink::new())
+        let processor = WindowProcessor::new(CountPerKey::default(), InMemoryDeadLetterSink::new())
             .records(|p| p.retry(ExponentialBackoff::none()))
             .state_retry(ExponentialBackoff::none());
         let result = runtime().block_on(processor.process(data, &Invocation::unbounded("fuzz")));

@@ -591,19 +591,19 @@ impl ShardWorker {
                         }
                         batch = rest;
                         attempts += 1;
-                        if self.exhausted(attempts) {
-                            self.discard(
+                        let error = "PartialBatchItemFailure";
+                        if self
+                            .retry_or_give_up(
                                 &batch,
-                                "RetryAttemptsExhausted",
-                                Some("PartialBatchItemFailure"),
                                 attempts,
+                                error,
+                                checkpoint_each,
+                                window.as_deref(),
                             )
-                            .await;
-                            self.after_discard(&batch, checkpoint_each, window.as_deref())?;
+                            .await?
+                        {
                             break;
                         }
-                        MappingStats::add(&stats.retries, 1);
-                        self.pause(attempts).await;
                     }
                     Verdict::Failure { error_type } => {
                         MappingStats::add(&stats.function_errors, 1);
@@ -615,24 +615,49 @@ impl ShardWorker {
                             break;
                         }
                         attempts += 1;
-                        if self.exhausted(attempts) {
-                            self.discard(
+                        if self
+                            .retry_or_give_up(
                                 &batch,
-                                "RetryAttemptsExhausted",
-                                Some(&error_type),
                                 attempts,
+                                &error_type,
+                                checkpoint_each,
+                                window.as_deref(),
                             )
-                            .await;
-                            self.after_discard(&batch, checkpoint_each, window.as_deref())?;
+                            .await?
+                        {
                             break;
                         }
-                        MappingStats::add(&stats.retries, 1);
-                        self.pause(attempts).await;
                     }
                 }
             }
         }
         Ok(())
+    }
+
+    /// After a failed attempt: give the batch up once its retries are exhausted (on-failure
+    /// record, checkpoint past it) and say so, or count a retry and wait before it.
+    async fn retry_or_give_up(
+        &mut self,
+        batch: &[Rec],
+        attempts: u32,
+        function_error: &str,
+        checkpoint_each: bool,
+        window: Option<&OpenWindow>,
+    ) -> Result<bool, Interrupted> {
+        if self.exhausted(attempts) {
+            self.discard(
+                batch,
+                "RetryAttemptsExhausted",
+                Some(function_error),
+                attempts,
+            )
+            .await;
+            self.after_discard(batch, checkpoint_each, window)?;
+            return Ok(true);
+        }
+        MappingStats::add(&self.mapping.stats.retries, 1);
+        self.pause(attempts).await;
+        Ok(false)
     }
 
     fn after_discard(

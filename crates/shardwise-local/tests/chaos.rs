@@ -230,12 +230,37 @@ struct RunnerSetup {
     parallelization_factor: u32,
 }
 
+/// `shardwise run` on `dir/state`, as every schedule here starts it: quick polls and retries,
+/// no live view, stderr to `log` (or nowhere). `until_idle`: a drain that ends by itself after
+/// that much quiet; its own limit is below the tests' 240 s, so a drain that runs out shows as
+/// such, not as lost records.
+fn shardwise_run(dir: &Path, log: Option<&str>, until_idle: Option<&str>) -> Command {
+    let mut command = Command::new(RUNNER);
+    command
+        .current_dir(dir)
+        .args(["run", "--state-dir", "state", "--quiet"])
+        .args(["--poll-interval", "50ms", "--retry-backoff", "50ms"])
+        .stdout(Stdio::null())
+        .stderr(log.map_or_else(Stdio::null, |name| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(dir.join(name))
+                .unwrap()
+                .into()
+        }));
+    match until_idle {
+        Some(quiet) => command.args(["--until-idle", quiet, "--duration", "200s"]),
+        None => command.args(["--duration", "240s"]),
+    };
+    command
+}
+
 impl RunnerSetup {
     fn start(&self, until_idle: bool) -> Running {
-        let mut command = Command::new(RUNNER);
+        let mut command = shardwise_run(&self.dir, None, until_idle.then_some("2s"));
         command
-            .current_dir(&self.dir)
-            .args(["run", "--template", "none.yaml", "--state-dir", "state"])
+            .args(["--template", "none.yaml"])
             .args(&self.args)
             .args(["--function", &format!("chaos={FUNCTION}")])
             .args(["--batch-size", "40", "--bisect", "true"])
@@ -243,8 +268,7 @@ impl RunnerSetup {
                 "--parallelization-factor",
                 &self.parallelization_factor.to_string(),
             ])
-            .args(["--report-batch-item-failures", "true", "--quiet"])
-            .args(["--poll-interval", "50ms", "--retry-backoff", "50ms"])
+            .args(["--report-batch-item-failures", "true"])
             .args(["--env", "TEST_FN_MODE=chaos"])
             .args([
                 "--env",
@@ -253,16 +277,7 @@ impl RunnerSetup {
                     self.dir.join("attempts.txt").display()
                 ),
             ])
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        // The drain's own limit is below the test's, so that a drain that runs out shows as
-        // such, not as lost records.
-        if until_idle {
-            command.args(["--until-idle", "2s", "--duration", "200s"]);
-        } else {
-            command.args(["--duration", "240s"]);
-        }
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         Running(command.spawn().unwrap())
     }
 }
@@ -892,17 +907,35 @@ async fn kinesis_dynamodb_and_sqs_on_moto_survive_random_kills() {
         .assert_clean("moto");
 }
 
-/// A card transaction for the real functions; about 1 in 50 is poison (not JSON) and 1 in 30
-/// is at the blocklisted merchant (fraud must alert on it exactly once).
-fn transaction(rng: &mut StdRng, i: usize) -> (String, String, bool, bool) {
+/// A card transaction put for the real functions, and what it should cause.
+struct Transaction {
+    id: String,
+    card: String,
+    data: String,
+    /// Not JSON: both functions must dead-letter it.
+    poison: bool,
+    /// At the blocklisted merchant: fraud must alert on it exactly once.
+    blocked: bool,
+    /// What aggregation must count it under, and add up (thousandths).
+    category: &'static str,
+    amount_milli: i64,
+}
+
+/// Transaction `i`: about 1 in 50 is poison, 1 in 30 at the blocklisted merchant.
+fn transaction(rng: &mut StdRng, i: usize) -> Transaction {
+    let id = format!("tx-{i}");
     let card = format!("card-{:04}", rng.random_range(0..300));
     if rng.random_ratio(1, 50) {
-        return (
+        let data = format!("{{\"transaction_id\":\"{id}\", not json");
+        return Transaction {
+            id,
             card,
-            format!("{{\"transaction_id\":\"tx-{i}\", not json"),
-            true,
-            false,
-        );
+            data,
+            poison: true,
+            blocked: false,
+            category: "",
+            amount_milli: 0,
+        };
     }
     let blocked = rng.random_ratio(1, 30);
     let merchant = if blocked {
@@ -913,7 +946,7 @@ fn transaction(rng: &mut StdRng, i: usize) -> (String, String, bool, bool) {
     let category = ["5411", "5812", "5999", "4111"][rng.random_range(0..4)];
     let cents: u32 = rng.random_range(100..20_000);
     let data = serde_json::json!({
-        "transaction_id": format!("tx-{i}"),
+        "transaction_id": id,
         "card_id": card,
         "merchant_id": merchant,
         "merchant_category": category,
@@ -926,7 +959,15 @@ fn transaction(rng: &mut StdRng, i: usize) -> (String, String, bool, bool) {
         "channel": "pos",
     })
     .to_string();
-    (card, data, false, blocked)
+    Transaction {
+        id,
+        card,
+        data,
+        poison: false,
+        blocked,
+        category,
+        amount_milli: i64::from(cents) * 10,
+    }
 }
 
 const BLOCKED_MERCHANT: &str = "m-blocked-0001";
@@ -967,41 +1008,21 @@ async fn the_real_functions_survive_random_kills() {
     )
     .unwrap();
     let runner = |function: &str, extra: &[&str], until_idle: bool| {
-        let mut command = Command::new(RUNNER);
+        let log = format!("runner-{function}.log");
+        let mut command = shardwise_run(dir.path(), Some(&log), until_idle.then_some("3s"));
         command
-            .current_dir(dir.path())
-            .args([
-                "run",
-                "--state-dir",
-                "state",
-                "--shards",
-                &SHARDS.to_string(),
-            ])
+            .args(["--shards", &SHARDS.to_string()])
             .arg("--template")
             .arg(&template)
             .arg("--bin-dir")
             .arg(&bin_dir)
-            .args(["--function", function, "--quiet"])
-            .args(["--poll-interval", "50ms", "--retry-backoff", "50ms"])
+            .args(["--function", function])
             .args([
                 "--env",
                 &format!("FRAUD_BLOCKED_MERCHANTS={BLOCKED_MERCHANT}"),
             ])
             .args(["--env", "RUST_LOG=warn"])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(dir.path().join(format!("runner-{function}.log")))
-                    .unwrap(),
-            );
-        if until_idle {
-            command.args(["--until-idle", "3s", "--duration", "200s"]);
-        } else {
-            command.args(["--duration", "240s"]);
-        }
+            .args(extra);
         Running(command.spawn().unwrap())
     };
     let window: &[&str] = &["--tumbling-window", "2s"];
@@ -1014,17 +1035,17 @@ async fn the_real_functions_survive_random_kills() {
     };
     let started = Instant::now();
     let mut runners = [start(0), start(1)];
-    let mut puts: Vec<(String, String, bool, bool)> = Vec::new();
+    let mut puts: Vec<Transaction> = Vec::new();
     let (mut runner_kills, mut function_kills) = (0, 0);
     for k in 0..=kills {
         let to = records * (k + 1) / (kills + 1);
         let wave: Vec<_> = (puts.len()..to).map(|i| transaction(&mut rng, i)).collect();
         let entries: Vec<shardwise::producer::PutEntry<'_>> = wave
             .iter()
-            .map(|(card, data, ..)| shardwise::producer::PutEntry {
-                partition_key: card,
+            .map(|tx| shardwise::producer::PutEntry {
+                partition_key: &tx.card,
                 explicit_hash_key: None,
-                data: data.as_bytes(),
+                data: tx.data.as_bytes(),
             })
             .collect();
         stream.append(&entries, shardwise_local::now_ms()).unwrap();
@@ -1091,15 +1112,11 @@ async fn the_real_functions_survive_random_kills() {
         .filter(|(_, n)| **n > 1)
         .map(|(t, _)| t)
         .collect();
-    let blocked: Vec<String> = puts
-        .iter()
-        .enumerate()
-        .filter(|(_, p)| p.3)
-        .map(|(i, _)| format!("tx-{i}"))
-        .collect();
+    let blocked: Vec<&String> = puts.iter().filter(|t| t.blocked).map(|t| &t.id).collect();
     let not_alerted: Vec<&String> = blocked
         .iter()
-        .filter(|t| !alerts.contains_key(*t))
+        .copied()
+        .filter(|t| !alerts.contains_key(t.as_str()))
         .collect();
     // Both functions: every poison record dead-lettered with its payload.
     let mut letters: HashMap<(String, String), usize> = HashMap::new();
@@ -1115,8 +1132,8 @@ async fn the_real_functions_survive_random_kills() {
         letters.keys().map(|(f, _)| f.as_str()).collect();
     let poison: Vec<String> = puts
         .iter()
-        .filter(|p| p.2)
-        .map(|p| base64_simd::STANDARD.encode_to_string(p.1.as_bytes()))
+        .filter(|t| t.poison)
+        .map(|t| base64_simd::STANDARD.encode_to_string(t.data.as_bytes()))
         .collect();
     let mut poison_missing = Vec::new();
     for function in ["fraud", "aggregation"] {
@@ -1128,16 +1145,10 @@ async fn the_real_functions_survive_random_kills() {
     }
     // aggregation: per category, the window items add up to the good transactions.
     let mut expected: BTreeMap<String, (u64, i64)> = BTreeMap::new();
-    for (_, data, is_poison, _) in &puts {
-        if *is_poison {
-            continue;
-        }
-        let tx: serde_json::Value = serde_json::from_str(data).unwrap();
-        let entry = expected
-            .entry(tx["merchant_category"].as_str().unwrap().to_owned())
-            .or_default();
+    for tx in puts.iter().filter(|t| !t.poison) {
+        let entry = expected.entry(tx.category.to_owned()).or_default();
         entry.0 += 1;
-        entry.1 += (tx["amount"].as_f64().unwrap() * 1000.0).round() as i64;
+        entry.1 += tx.amount_milli;
     }
     let mut got: BTreeMap<String, (u64, i64)> = BTreeMap::new();
     let items = shardwise::local::SqliteTable::new(db.clone(), "aggregates")

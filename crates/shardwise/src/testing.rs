@@ -110,3 +110,56 @@ pub fn card_transaction(n: u64) -> String {
         ip = n % 250,
     )
 }
+
+/// A tumbling-window handler that counts records per partition key, whatever their payload
+/// (AWS's example), and remembers how each window ended: the subject of window tests, property
+/// tests and fuzzing that are about the window machinery rather than a handler.
+#[derive(Debug, Default)]
+pub struct CountPerKey {
+    ends: std::sync::Mutex<Vec<crate::window::WindowEndReason>>,
+}
+
+impl CountPerKey {
+    /// How the windows seen so far ended, in order.
+    pub fn ends(&self) -> Vec<crate::window::WindowEndReason> {
+        self.ends
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl crate::window::WindowHandler for CountPerKey {
+    type State = std::collections::BTreeMap<String, u64>;
+    type Contribution = String;
+
+    fn fold(&self, state: &mut Self::State, key: String) {
+        *state.entry(key).or_default() += 1;
+    }
+
+    async fn on_window_end(
+        &self,
+        _: &Self::State,
+        end: &crate::window::WindowEnd<'_>,
+    ) -> Result<(), crate::HandlerError> {
+        // The window's bounds as a handler would write them (exercised by the fuzzer).
+        let _ = (end.window.start.to_rfc3339(), end.window.end.to_rfc3339());
+        self.ends
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(end.reason);
+        Ok(())
+    }
+}
+
+impl<'d> crate::window::WindowRecordHandler<'d> for CountPerKey {
+    type Payload = &'d [u8];
+
+    async fn contribute(
+        &self,
+        record: &crate::Record<'d>,
+        _: &&'d [u8],
+    ) -> Result<Option<String>, crate::HandlerError> {
+        Ok(Some(record.partition_key.to_owned()))
+    }
+}

@@ -5,7 +5,7 @@
 //! Rows are numbered as in the catalogue (`row_07_…`); keep the two in step.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -21,10 +21,8 @@ use shardwise::processor::{BatchReport, Outcome};
 use shardwise::response::BatchResponse;
 use shardwise::retry::ExponentialBackoff;
 use shardwise::runtime::{MetricsWriter, handle_invocation};
-use shardwise::testing::{TestRecord, event_json, plain, raw_data, sequence_number};
-use shardwise::window::{
-    WindowConfig, WindowEnd, WindowEndReason, WindowHandler, WindowProcessor, WindowRecordHandler,
-};
+use shardwise::testing::{CountPerKey, TestRecord, event_json, plain, raw_data, sequence_number};
+use shardwise::window::{WindowConfig, WindowEndReason, WindowProcessor};
 use shardwise::{
     HandlerError, InMemoryDeadLetterSink, Invocation, Json, Processor, Record, RecordHandler,
     SqsDeadLetterSink,
@@ -469,43 +467,7 @@ async fn row_21_sequence_numbers_of_unusual_length_order_by_length() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tumbling-window state
-
-/// AWS's example handler: count records per partition key.
-#[derive(Default)]
-struct CountPerKey {
-    ends: std::sync::Mutex<Vec<WindowEndReason>>,
-}
-
-impl WindowHandler for CountPerKey {
-    type State = BTreeMap<String, u64>;
-    type Contribution = String;
-
-    fn fold(&self, state: &mut Self::State, key: String) {
-        *state.entry(key).or_default() += 1;
-    }
-
-    async fn on_window_end(
-        &self,
-        _: &Self::State,
-        end: &WindowEnd<'_>,
-    ) -> Result<(), HandlerError> {
-        self.ends.lock().unwrap().push(end.reason);
-        Ok(())
-    }
-}
-
-impl<'d> WindowRecordHandler<'d> for CountPerKey {
-    type Payload = &'d [u8];
-
-    async fn contribute(
-        &self,
-        record: &Record<'d>,
-        _: &&'d [u8],
-    ) -> Result<Option<String>, HandlerError> {
-        Ok(Some(record.partition_key.to_owned()))
-    }
-}
+// Tumbling-window state (the handler: `shardwise::testing::CountPerKey`)
 
 fn window_event(records: &[TestRecord], state: Value) -> Vec<u8> {
     let mut event: Value = serde_json::from_str(&event_json(records)).unwrap();
@@ -607,10 +569,7 @@ async fn row_25_window_state_outgrowing_its_limit_ends_the_segment_early() {
         .await
         .unwrap();
     assert_eq!(report.ended, Some(WindowEndReason::StateLimit));
-    assert_eq!(
-        *p.handler().ends.lock().unwrap(),
-        vec![WindowEndReason::StateLimit]
-    );
+    assert_eq!(p.handler().ends(), vec![WindowEndReason::StateLimit]);
     assert_eq!(report.response.state.get(), "{}");
 }
 

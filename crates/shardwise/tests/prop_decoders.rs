@@ -18,10 +18,8 @@ use shardwise::event::{DecodedBatch, KinesisEvent, parse_event};
 use shardwise::kpl::{self, AggregateEntry, KPL_MAGIC};
 use shardwise::processor::Invocation;
 use shardwise::retry::ExponentialBackoff;
-use shardwise::window::{
-    WindowEnd, WindowEvent, WindowHandler, WindowProcessor, WindowRecordHandler, decode_state,
-    encode_state, raw_state,
-};
+use shardwise::testing::CountPerKey;
+use shardwise::window::{WindowEvent, WindowProcessor, decode_state, encode_state, raw_state};
 use shardwise::{HandlerError, InMemoryDeadLetterSink, Json, Processor, Record, RecordHandler};
 
 fn config() -> ProptestConfig {
@@ -225,34 +223,6 @@ fn json_value() -> impl Strategy<Value = Value> {
     })
 }
 
-/// Counts records per key (AWS's example).
-struct CountPerKey;
-
-impl WindowHandler for CountPerKey {
-    type State = BTreeMap<String, u64>;
-    type Contribution = String;
-
-    fn fold(&self, state: &mut Self::State, key: String) {
-        *state.entry(key).or_default() += 1;
-    }
-
-    async fn on_window_end(&self, _: &Self::State, _: &WindowEnd<'_>) -> Result<(), HandlerError> {
-        Ok(())
-    }
-}
-
-impl<'d> WindowRecordHandler<'d> for CountPerKey {
-    type Payload = &'d [u8];
-
-    async fn contribute(
-        &self,
-        record: &Record<'d>,
-        _: &&'d [u8],
-    ) -> Result<Option<String>, HandlerError> {
-        Ok(Some(record.partition_key.to_owned()))
-    }
-}
-
 proptest! {
     #![proptest_config(config())]
 
@@ -334,7 +304,7 @@ proptest! {
         }))
         .unwrap();
         prop_assert!(parse_event::<WindowEvent<'_>>(&event).is_ok());
-        let processor = WindowProcessor::new(CountPerKey, InMemoryDeadLetterSink::new())
+        let processor = WindowProcessor::new(CountPerKey::default(), InMemoryDeadLetterSink::new())
             .records(|p| p.retry(ExponentialBackoff::none()))
             .state_retry(ExponentialBackoff::none());
         let report = block_on(processor.process(&event, &Invocation::unbounded("w"))).unwrap();
@@ -360,7 +330,7 @@ proptest! {
         let _ = raw_state(&event);
         if let Ok(window) = parse_event::<WindowEvent<'_>>(&event) {
             let _ = window.window.start.to_rfc3339();
-            let processor = WindowProcessor::new(CountPerKey, InMemoryDeadLetterSink::new())
+            let processor = WindowProcessor::new(CountPerKey::default(), InMemoryDeadLetterSink::new())
                 .records(|p| p.retry(ExponentialBackoff::none()))
                 .state_retry(ExponentialBackoff::none());
             let _ = block_on(processor.process(&event, &Invocation::unbounded("w")));
