@@ -34,7 +34,7 @@ impl CheckpointStore {
         if let Some(parent) = path.as_ref().parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|e| CheckpointError(e.to_string()))?;
         }
-        let conn = shardwise::local::open_shared(
+        let conn = shardwise_sqlite::open_shared(
             path.as_ref(),
             "CREATE TABLE IF NOT EXISTS checkpoints (
                 function TEXT NOT NULL, shard TEXT NOT NULL, sequence_number TEXT,

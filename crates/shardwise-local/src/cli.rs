@@ -102,7 +102,7 @@ impl StreamArgs {
                 self.shards,
             )?)),
             SourceKind::Kinesis => {
-                let sdk = shardwise::aws::sdk_config(None).await;
+                let sdk = shardwise_aws::sdk_config(None).await;
                 Source::Kinesis(Arc::new(
                     KinesisSource::connect(aws_sdk_kinesis::Client::new(&sdk), &self.stream)
                         .await?,
@@ -361,10 +361,10 @@ pub async fn prepare_run(args: &RunArgs, view: ViewMode) -> anyhow::Result<RunCo
     let functions = resolve_functions(args)?;
     let source = args.stream.source().await?;
     let shards = source.shards().await?.len().max(1);
-    let local_db = Arc::new(shardwise::local::LocalDb::open(args.stream.local_db())?);
+    let local_db = Arc::new(shardwise_sqlite::LocalDb::open(args.stream.local_db())?);
     let on_failure_sqs = match &args.on_failure_queue_url {
         Some(url) => {
-            let sdk = shardwise::aws::sdk_config(None).await;
+            let sdk = shardwise_aws::sdk_config(None).await;
             Some((aws_sdk_sqs::Client::new(&sdk), url.clone()))
         }
         None => None,
@@ -409,9 +409,9 @@ pub async fn prepare_run(args: &RunArgs, view: ViewMode) -> anyhow::Result<RunCo
                 client: client.clone(),
                 queue_url: url.clone(),
             },
-            (Some(_), None) => OnFailure::Local(shardwise::local::SqliteQueue::new(
+            (Some(_), None) => OnFailure::Local(shardwise_sqlite::SqliteQueue::new(
                 local_db.clone(),
-                shardwise::local::queues::ON_FAILURE,
+                shardwise_sqlite::queues::ON_FAILURE,
             )),
             (None, None) => OnFailure::None,
         };
@@ -442,8 +442,8 @@ pub async fn prepare_run(args: &RunArgs, view: ViewMode) -> anyhow::Result<RunCo
 }
 
 /// The live view's first line: elapsed time and what the local backends hold.
-pub fn backend_header(db: Arc<shardwise::local::LocalDb>) -> crate::view::Header {
-    use shardwise::local::{SqliteQueue, queues};
+pub fn backend_header(db: Arc<shardwise_sqlite::LocalDb>) -> crate::view::Header {
+    use shardwise_sqlite::{SqliteQueue, queues};
     let started = std::time::Instant::now();
     let dead = SqliteQueue::new(db.clone(), queues::DEAD_LETTERS);
     let on_failure = SqliteQueue::new(db.clone(), queues::ON_FAILURE);

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use shardwise::local::{LocalDb, SqliteQueue, SqliteTable, queues};
 use shardwise::producer::Producer;
+use shardwise_sqlite::{LocalDb, SqliteQueue, SqliteTable, queues};
 
 use crate::cli::{BackendKind, MappingOverrides, RunArgs, SourceKind, StreamArgs, prepare_run};
 use crate::runner::StopWhen;
@@ -241,7 +241,7 @@ pub fn inspect(args: &InspectArgs) -> anyhow::Result<()> {
         args.limit.min(items.len())
     );
     for (id, item) in items.into_iter().take(args.limit) {
-        println!("{id}: {}", shardwise::local::item_to_json(&item));
+        println!("{id}: {}", shardwise_sqlite::item_to_json(&item));
     }
     Ok(())
 }

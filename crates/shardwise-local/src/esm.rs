@@ -44,7 +44,7 @@ use crate::{now_ms, rfc3339_ms};
 pub enum OnFailure {
     None,
     /// A queue of the local database.
-    Local(shardwise::local::SqliteQueue),
+    Local(shardwise_sqlite::SqliteQueue),
     /// An SQS queue (with the SDK source).
     Sqs {
         client: aws_sdk_sqs::Client,

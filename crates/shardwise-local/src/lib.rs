@@ -40,7 +40,7 @@ pub fn now_ms() -> i64 {
 
 /// RFC 3339, UTC, milliseconds.
 pub fn rfc3339_ms(ms: i64) -> String {
-    shardwise::transaction::Timestamp::from_epoch_millis(ms).to_rfc3339()
+    shardwise::time::Timestamp::from_epoch_millis(ms).to_rfc3339()
 }
 
 /// Parse `500ms`, `20s`, `2m`, `1h`, or a bare number of seconds.

@@ -9,13 +9,13 @@ use std::time::Duration;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-use serde_json::{Value, json};
+
+use serde_json::Value;
 use shardwise::producer::{
-    CallError, EntryResult, KinesisStreamWriter, Producer, ProducerRecord, PutEntry, StreamTarget,
-    StreamWriter,
+    CallError, EntryResult, Producer, ProducerRecord, PutEntry, StreamWriter,
 };
+use shardwise_aws::{KinesisStreamWriter, StreamTarget};
+use shardwise_cards::generator::{GeneratorOptions, TransactionGenerator};
 use tokio::time::Instant;
 
 use crate::cli::{SourceKind, StreamArgs};
@@ -49,7 +49,7 @@ pub async fn writer(args: &StreamArgs) -> anyhow::Result<AnyWriter> {
             EmbeddedStream::open(args.stream_db(), &args.stream, args.shards)?,
         ))),
         SourceKind::Kinesis => {
-            let sdk = shardwise::aws::sdk_config(None).await;
+            let sdk = shardwise_aws::sdk_config(None).await;
             AnyWriter::Kinesis(KinesisStreamWriter::new(
                 aws_sdk_kinesis::Client::new(&sdk),
                 StreamTarget::parse(&args.stream),
@@ -195,7 +195,7 @@ pub fn read_recording(text: &str, key_field: &str) -> Result<Vec<(i64, ProducerR
         match t {
             #[allow(clippy::cast_possible_truncation)]
             Value::Number(n) => n.as_f64().map(|s| (s * 1000.0) as i64),
-            Value::String(s) => shardwise::transaction::Timestamp::parse_rfc3339(s)
+            Value::String(s) => shardwise::time::Timestamp::parse_rfc3339(s)
                 .ok()
                 .map(|t| t.epoch_millis()),
             _ => None,
@@ -321,6 +321,19 @@ pub struct LoadOptions {
     pub seed: u64,
 }
 
+impl LoadOptions {
+    /// What the shared transaction generator is told (rate and duration are the sender's).
+    pub fn generator(&self) -> GeneratorOptions {
+        GeneratorOptions {
+            cards: self.cards,
+            poison_share: self.poison_share,
+            fraud_share: self.fraud_share,
+            blocked_merchant: self.blocked_merchant.clone(),
+            seed: self.seed,
+        }
+    }
+}
+
 /// What the generator sent.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LoadReport {
@@ -328,152 +341,6 @@ pub struct LoadReport {
     pub failed: u64,
     pub poison: u64,
     pub fraud_patterns: u64,
-}
-
-const MCCS: [&str; 8] = [
-    "5411", "5812", "5999", "4111", "5541", "5732", "7011", "6011",
-];
-const PLACES: [(&str, f64, f64); 6] = [
-    ("US", 40.71, -74.00),
-    ("GB", 51.50, -0.12),
-    ("DE", 52.52, 13.40),
-    ("JP", 35.68, 139.69),
-    ("BR", -23.55, -46.63),
-    ("AU", -33.86, 151.20),
-];
-
-/// Synthetic card transactions (issue 4's shape), deterministic for a seed.
-#[derive(Debug)]
-pub struct TransactionGenerator {
-    rng: StdRng,
-    options: LoadOptions,
-    next_id: u64,
-    /// Records of started fraud patterns still to send.
-    queued: std::collections::VecDeque<ProducerRecord>,
-    pub poison: u64,
-    pub fraud_patterns: u64,
-}
-
-impl TransactionGenerator {
-    pub fn new(options: LoadOptions) -> Self {
-        Self {
-            rng: StdRng::seed_from_u64(options.seed),
-            options,
-            next_id: 0,
-            queued: std::collections::VecDeque::new(),
-            poison: 0,
-            fraud_patterns: 0,
-        }
-    }
-
-    fn card(&mut self) -> (String, u32) {
-        let n = self.rng.random_range(0..self.options.cards.max(1));
-        (format!("card-{n:06}"), n)
-    }
-
-    /// A card's home (index into the places) and usual amount.
-    fn habits(card: u32) -> (usize, f64) {
-        let mix = card.wrapping_mul(2_654_435_761);
-        (
-            (mix >> 8) as usize % PLACES.len(),
-            5.0 + f64::from(mix % 150),
-        )
-    }
-
-    fn transaction(
-        &mut self,
-        card: &str,
-        at_ms: i64,
-        place: usize,
-        amount: f64,
-        merchant: Option<&str>,
-    ) -> ProducerRecord {
-        self.next_id += 1;
-        let (country, lat, lon) = PLACES[place % PLACES.len()];
-        let channel = ["pos", "ecom", "atm"][self.rng.random_range(0..3)];
-        let mcc = MCCS[self.rng.random_range(0..MCCS.len())];
-        let merchant = merchant.map_or_else(
-            || format!("m-{:04}", self.rng.random_range(0..500)),
-            str::to_owned,
-        );
-        let body = json!({
-            "transaction_id": format!("tx-{}-{:010}", self.options.seed, self.next_id),
-            "card_id": card,
-            "merchant_id": merchant,
-            "merchant_category": mcc,
-            "amount": (amount * 100.0).round() / 100.0,
-            "currency": "USD",
-            "country": country,
-            "lat": lat + self.rng.random_range(-0.05..0.05),
-            "lon": lon + self.rng.random_range(-0.05..0.05),
-            "timestamp": crate::rfc3339_ms(at_ms),
-            "channel": channel,
-        });
-        ProducerRecord::new(card, body.to_string().into_bytes())
-    }
-
-    /// The next record to send at `at_ms`.
-    pub fn next_record(&mut self, at_ms: i64) -> ProducerRecord {
-        if let Some(record) = self.queued.pop_front() {
-            return record;
-        }
-        let roll: f64 = self.rng.random();
-        if roll < self.options.poison_share {
-            self.poison += 1;
-            let (card, _) = self.card();
-            let data: Vec<u8> = match self.rng.random_range(0..3) {
-                0 => b"\xff\xfe not json at all".to_vec(),
-                1 => br#"{"transaction_id": 42, "card_id": null}"#.to_vec(),
-                _ => br#"{"truncated": "#.to_vec(),
-            };
-            return ProducerRecord::new(card, data);
-        }
-        if roll < self.options.poison_share + self.options.fraud_share {
-            self.fraud_patterns += 1;
-            let (card, n) = self.card();
-            let (home, usual) = Self::habits(n);
-            match self.rng.random_range(0..4) {
-                // Card testing: a burst of transactions within seconds, then a large one
-                // (velocity and amount anomaly together pass the alert threshold).
-                0 => {
-                    for i in 0..12 {
-                        let r = self.transaction(&card, at_ms + i * 500, home, usual, None);
-                        self.queued.push_back(r);
-                    }
-                    let big = self.transaction(&card, at_ms + 6_500, home, usual * 40.0, None);
-                    self.queued.push_back(big);
-                }
-                // Impossible travel: at home, then on another continent ten minutes later.
-                1 => {
-                    let a = self.transaction(&card, at_ms, home, usual, None);
-                    let b = self.transaction(&card, at_ms + 600_000, home + 3, usual, None);
-                    self.queued.extend([a, b]);
-                }
-                // Amount anomaly: a quick history of usual amounts, then a spike.
-                2 => {
-                    for i in 0..8 {
-                        let r = self.transaction(&card, at_ms + i * 20_000, home, usual, None);
-                        self.queued.push_back(r);
-                    }
-                    let spike = self.transaction(&card, at_ms + 170_000, home, 9_500.0, None);
-                    self.queued.push_back(spike);
-                }
-                // Known signature: a blocklisted merchant.
-                _ => {
-                    let merchant = self.options.blocked_merchant.clone();
-                    let r = self.transaction(&card, at_ms, home, usual, Some(&merchant));
-                    self.queued.push_back(r);
-                }
-            }
-            if let Some(record) = self.queued.pop_front() {
-                return record;
-            }
-        }
-        let (card, n) = self.card();
-        let (home, usual) = Self::habits(n);
-        let amount = usual * self.rng.random_range(0.8..1.25);
-        self.transaction(&card, at_ms, home, amount, None)
-    }
 }
 
 /// Send generated load at `options.rate` for `options.duration` (or until `stop`), in 100 ms
@@ -484,7 +351,7 @@ pub async fn generate<W: StreamWriter>(
     stop: Option<tokio::sync::watch::Receiver<bool>>,
     on_progress: impl Fn(u64),
 ) -> LoadReport {
-    let mut generator = TransactionGenerator::new(options.clone());
+    let mut generator = TransactionGenerator::new(options.generator());
     let mut report = LoadReport::default();
     let started = Instant::now();
     let tick = Duration::from_millis(100);
@@ -567,7 +434,7 @@ mod tests {
             blocked_merchant: "m-x".into(),
             seed: 1,
         };
-        let mut g = TransactionGenerator::new(options);
+        let mut g = TransactionGenerator::new(options.generator());
         let records: Vec<_> = (0..2000).map(|_| g.next_record(0)).collect();
         let json_ok = records
             .iter()

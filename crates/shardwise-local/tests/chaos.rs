@@ -30,9 +30,8 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use shardwise::producer::{
-    KinesisStreamWriter, Producer, ProducerRecord, PutOutcome, StreamTarget, StreamWriter,
-};
+use shardwise::producer::{Producer, ProducerRecord, PutOutcome, StreamWriter};
+use shardwise_aws::{KinesisStreamWriter, StreamTarget};
 use shardwise_local::checkpoint::CheckpointStore;
 use shardwise_local::stream::{
     EmbeddedStream, KinesisSource, Position, Source, StartingPosition, sequence_cmp,
@@ -92,12 +91,12 @@ impl Stores {
         let mut observed = Observed::default();
         let bodies = match self {
             Stores::Embedded { db } => {
-                let db = std::sync::Arc::new(shardwise::local::LocalDb::open(&*db).unwrap());
-                let table = shardwise::local::SqliteTable::new(db.clone(), "effects");
+                let db = std::sync::Arc::new(shardwise_sqlite::LocalDb::open(&*db).unwrap());
+                let table = shardwise_sqlite::SqliteTable::new(db.clone(), "effects");
                 for (_, item) in table.scan().unwrap() {
                     observed.effects.push(effect_of(&item));
                 }
-                shardwise::local::SqliteQueue::new(db, shardwise::local::queues::DEAD_LETTERS)
+                shardwise_sqlite::SqliteQueue::new(db, shardwise_sqlite::queues::DEAD_LETTERS)
                     .messages(0, 1_000_000)
                     .unwrap()
                     .into_iter()
@@ -1085,10 +1084,10 @@ async fn the_real_functions_survive_random_kills() {
     }
 
     let db = std::sync::Arc::new(
-        shardwise::local::LocalDb::open(dir.path().join("state/local.db")).unwrap(),
+        shardwise_sqlite::LocalDb::open(dir.path().join("state/local.db")).unwrap(),
     );
     let queue = |name: &str| {
-        shardwise::local::SqliteQueue::new(db.clone(), name)
+        shardwise_sqlite::SqliteQueue::new(db.clone(), name)
             .messages(0, 1_000_000)
             .unwrap()
             .into_iter()
@@ -1097,7 +1096,7 @@ async fn the_real_functions_survive_random_kills() {
     };
     // fraud: one alert per blocklisted transaction, none twice.
     let mut alerts: HashMap<String, usize> = HashMap::new();
-    for alert in queue(shardwise::local::queues::ALERTS) {
+    for alert in queue(shardwise_sqlite::queues::ALERTS) {
         *alerts
             .entry(
                 alert["transactionId"]
@@ -1120,7 +1119,7 @@ async fn the_real_functions_survive_random_kills() {
         .collect();
     // Both functions: every poison record dead-lettered with its payload.
     let mut letters: HashMap<(String, String), usize> = HashMap::new();
-    for letter in queue(shardwise::local::queues::DEAD_LETTERS) {
+    for letter in queue(shardwise_sqlite::queues::DEAD_LETTERS) {
         let function = letter["functionName"]
             .as_str()
             .unwrap_or_default()
@@ -1151,11 +1150,11 @@ async fn the_real_functions_survive_random_kills() {
         entry.1 += tx.amount_milli;
     }
     let mut got: BTreeMap<String, (u64, i64)> = BTreeMap::new();
-    let items = shardwise::local::SqliteTable::new(db.clone(), "aggregates")
+    let items = shardwise_sqlite::SqliteTable::new(db.clone(), "aggregates")
         .scan()
         .unwrap();
     for (_, item) in &items {
-        let json = shardwise::local::item_to_json(item);
+        let json = shardwise_sqlite::item_to_json(item);
         let number = |k: &str| {
             json[k]["N"]
                 .as_str()

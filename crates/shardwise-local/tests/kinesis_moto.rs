@@ -9,7 +9,8 @@ mod common;
 use std::sync::Arc;
 
 use common::{Harness, rec, settings};
-use shardwise::producer::{KinesisStreamWriter, Producer, ProducerRecord, StreamTarget};
+use shardwise::producer::{Producer, ProducerRecord};
+use shardwise_aws::{KinesisStreamWriter, StreamTarget};
 use shardwise_local::settings::MappingSettings;
 use shardwise_local::stream::{KinesisSource, Source};
 

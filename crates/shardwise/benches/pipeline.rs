@@ -23,13 +23,14 @@ use std::time::{Duration, Instant};
 
 use aws_lambda_events::event::kinesis::KinesisEvent as NaiveEvent;
 use serde::Deserialize;
-use shardwise::testing::{card_transaction, event_json, plain, sequence_number};
+use shardwise::testing::{event_json, plain, sequence_number};
 use shardwise::{
     HandlerError, InMemoryDeadLetterSink, Invocation, Json, Processor, Record, RecordHandler,
 };
+use shardwise_cards::generator::card_transaction;
 
 /// What the naive path deserializes: the whole transaction, owned, as its producer wrote it
-/// (`shardwise::testing::card_transaction`).
+/// (`shardwise_cards::generator::card_transaction`).
 #[allow(dead_code)]
 #[derive(Deserialize)]
 struct Transaction {

@@ -142,6 +142,7 @@ impl CommonSettings {
             function_name: self.function_name.clone(),
             max_concurrency: self.max_concurrency,
             deadline_margin: self.deadline_margin,
+            metrics_namespace: self.metrics_namespace.clone(),
         }
     }
 }

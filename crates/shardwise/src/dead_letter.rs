@@ -16,7 +16,7 @@ use std::sync::Mutex;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::retry::RetryPolicy;
+use crate::retry::ExponentialBackoff;
 
 /// SQS's limits for `SendMessageBatch`, enforced here because emulators do not (moto accepts a
 /// 1 MiB message).
@@ -137,14 +137,14 @@ pub enum PublishError {
 
 /// Sends dead letters in SQS-sized batches, concurrently, retrying what failed.
 #[derive(Debug)]
-pub struct DeadLetterPublisher<S, P> {
+pub struct DeadLetterPublisher<S> {
     sink: S,
-    retry: P,
+    retry: ExponentialBackoff,
     limits: SqsLimits,
 }
 
-impl<S: DeadLetterSink, P: RetryPolicy> DeadLetterPublisher<S, P> {
-    pub fn new(sink: S, retry: P) -> Self {
+impl<S: DeadLetterSink> DeadLetterPublisher<S> {
+    pub fn new(sink: S, retry: ExponentialBackoff) -> Self {
         Self {
             sink,
             retry,
@@ -271,50 +271,6 @@ impl<S: DeadLetterSink, P: RetryPolicy> DeadLetterPublisher<S, P> {
 
 fn index_of(id: &str) -> Option<usize> {
     id.parse().ok()
-}
-
-/// Dead letters to an SQS queue (`DEAD_LETTER_QUEUE_URL`).
-#[derive(Debug, Clone)]
-pub struct SqsDeadLetterSink {
-    client: aws_sdk_sqs::Client,
-    queue_url: String,
-}
-
-impl SqsDeadLetterSink {
-    pub fn new(client: aws_sdk_sqs::Client, queue_url: impl Into<String>) -> Self {
-        Self {
-            client,
-            queue_url: queue_url.into(),
-        }
-    }
-}
-
-impl DeadLetterSink for SqsDeadLetterSink {
-    async fn send_batch(&self, entries: &[SinkEntry]) -> Result<Vec<EntryFailure>, SinkError> {
-        use aws_sdk_sqs::types::SendMessageBatchRequestEntry;
-        let mut request = self.client.send_message_batch().queue_url(&self.queue_url);
-        for entry in entries {
-            let built = SendMessageBatchRequestEntry::builder()
-                .id(&entry.id)
-                .message_body(&entry.body)
-                .build()
-                .map_err(|e| SinkError(e.to_string()))?;
-            request = request.entries(built);
-        }
-        let output = request
-            .send()
-            .await
-            .map_err(|e| SinkError(aws_sdk_sqs::error::DisplayErrorContext(e).to_string()))?;
-        Ok(output
-            .failed()
-            .iter()
-            .map(|f| EntryFailure {
-                id: f.id().to_owned(),
-                sender_fault: f.sender_fault(),
-                message: format!("{}: {}", f.code(), f.message().unwrap_or_default()),
-            })
-            .collect())
-    }
 }
 
 /// A fault the in-memory sink plays on its next call.

@@ -151,20 +151,29 @@ pub struct DecodedRecord<'a> {
 impl DecodedBatch {
     /// Decode every record of the event. Never fails as a whole: bad records are marked.
     pub fn decode(records: &[EventRecord<'_>]) -> Self {
-        let capacity = records
+        let mut batch = Self::default();
+        batch.refill(records);
+        batch
+    }
+
+    /// Decode `records` into this batch's buffers in place of what they held, keeping their
+    /// capacity. The processor keeps one batch between invocations: an event-sized arena
+    /// allocated and freed every invocation is returned to the kernel by the allocator and
+    /// faulted back in on the next (thousands of page faults per large event).
+    pub fn refill(&mut self, records: &[EventRecord<'_>]) {
+        let capacity: usize = records
             .iter()
             .map(|r| base64_simd::STANDARD.estimated_decoded_length(r.kinesis.data.len()))
             .sum();
-        let mut batch = DecodedBatch {
-            arena: Vec::with_capacity(capacity),
-            decoded: Vec::with_capacity(records.len()),
-            aggregates: Vec::new(),
-        };
+        self.arena.clear();
+        self.decoded.clear();
+        self.aggregates.clear();
+        self.arena.reserve(capacity);
+        self.decoded.reserve(records.len());
         for record in records {
-            let decoded = batch.decode_one(record);
-            batch.decoded.push(decoded);
+            let decoded = self.decode_one(record);
+            self.decoded.push(decoded);
         }
-        batch
     }
 
     fn decode_one(&mut self, record: &EventRecord<'_>) -> Decoded {

@@ -18,8 +18,7 @@
 //!   hook, Lambda's 1 MB state limit respected.
 //! - **the response** ([`response`]): the lowest sequence number Lambda must redeliver.
 //! - **telemetry** ([`telemetry`], [`metrics`]): JSON logs and CloudWatch EMF metrics.
-//! - **producing** ([`producer`]): `PutRecords` within Kinesis's limits, retrying refused records;
-//!   [`transaction`] is the card-transaction payload the example functions and tools share.
+//! - **producing** ([`producer`]): `PutRecords` within Kinesis's limits, retrying refused records.
 //!
 //! Everything that talks to AWS sits behind a small trait with an AWS implementation and an
 //! in-memory one, so the same processor runs in Lambda, in the local runner and in tests.
@@ -29,7 +28,6 @@
 //! invocation: they become an [`Outcome`] of that record. Only an unreadable event fails the
 //! invocation ([`runtime::InvocationError`]), because nothing in it can be attributed to a record.
 
-pub mod aws;
 pub mod clock;
 pub mod config;
 pub mod dead_letter;
@@ -38,8 +36,6 @@ pub mod gate;
 pub mod handler;
 pub mod idempotency;
 pub mod kpl;
-#[cfg(feature = "local")]
-pub mod local;
 pub mod metrics;
 pub mod payload;
 pub mod processor;
@@ -50,12 +46,13 @@ pub mod retry;
 pub mod runtime;
 pub mod telemetry;
 pub mod testing;
-pub mod transaction;
+pub mod time;
 pub mod window;
 
-pub use dead_letter::{InMemoryDeadLetterSink, SqsDeadLetterSink};
+pub use dead_letter::InMemoryDeadLetterSink;
 pub use handler::{BatchHandler, ErrorClass, HandlerError, RecordHandler, TypedRecord};
 pub use payload::{FromRecordData, Json};
 pub use processor::{BatchReport, Invocation, Outcome, Processor, ProcessorConfig};
 pub use record::{Record, SequenceNumber};
 pub use response::BatchResponse;
+pub use runtime::{InvocationError, Invoke, handle_invocation, run};

@@ -6,6 +6,27 @@
 
 use serde_json::{Map, Value, json};
 
+/// Where metrics go: stdout in Lambda, a buffer in tests.
+pub trait MetricsWriter: Send + Sync {
+    fn write_line(&self, line: &str);
+}
+
+/// Writes EMF lines to stdout, where Lambda's log agent picks them up.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct StdoutMetrics;
+
+impl MetricsWriter for StdoutMetrics {
+    fn write_line(&self, line: &str) {
+        println!("{line}");
+    }
+}
+
+impl<W: MetricsWriter + ?Sized> MetricsWriter for std::sync::Arc<W> {
+    fn write_line(&self, line: &str) {
+        (**self).write_line(line);
+    }
+}
+
 /// A CloudWatch unit (the subset we use).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unit {

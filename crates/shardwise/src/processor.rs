@@ -11,13 +11,16 @@
 //! 6. tell the gate how records settled;
 //! 7. answer with the lowest sequence number Lambda must redeliver.
 //!
-//! Every record ends in exactly one [`Outcome`]. Only three outcomes acknowledge a record —
+//! Every record ends in exactly one [`Outcome`]; while it is being processed it is in a
+//! [`RecordState`](state::RecordState), which holds the states that never leave the processor
+//! (pending, permanent and not yet dead-lettered, a duplicate of an earlier record). Only three outcomes acknowledge a record —
 //! processed, already done, dead-lettered — everything else is reported back to Lambda, so a
 //! record is never lost to an error, a full dead-letter queue or a deadline.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::FutureExt;
@@ -32,10 +35,11 @@ use crate::event::{DecodedBatch, EventError, EventRecord, KinesisEvent, parse_ev
 use crate::gate::{Admission, GateContext, NoGate, RecordGate, Settlement};
 use crate::handler::{BatchHandler, HandlerError, RecordHandler, TypedRecord};
 use crate::metrics::{EmfDocument, Unit};
+use crate::metrics::{MetricsWriter, StdoutMetrics};
 use crate::payload::FromRecordData;
 use crate::record::{Record, SequenceNumber};
 use crate::response::BatchResponse;
-use crate::retry::{ExponentialBackoff, RetryPolicy, retry};
+use crate::retry::{ExponentialBackoff, retry};
 
 /// Settings that do not change between invocations.
 #[derive(Debug, Clone)]
@@ -49,6 +53,8 @@ pub struct ProcessorConfig {
     /// handlers are abandoned at `deadline - margin/2`, and the rest is for dead letters and the
     /// response. Never more than half the time the invocation has.
     pub deadline_margin: Duration,
+    /// CloudWatch namespace of the invocation's EMF metrics.
+    pub metrics_namespace: String,
 }
 
 impl Default for ProcessorConfig {
@@ -57,6 +63,7 @@ impl Default for ProcessorConfig {
             function_name: "shardwise".to_owned(),
             max_concurrency: 8,
             deadline_margin: Duration::from_millis(1000),
+            metrics_namespace: "Shardwise".to_owned(),
         }
     }
 }
@@ -97,33 +104,26 @@ impl Invocation {
     }
 }
 
-/// How one record ended.
+/// How one record ended: what the report tells a caller. Only the first three acknowledge it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
-    /// Not decided yet (only while processing).
-    Pending,
     /// The handler succeeded.
     Processed { attempts: u32 },
     /// An earlier delivery already took effect (idempotency).
     AlreadyDone,
-    /// Will never succeed; to be dead-lettered.
-    Permanent {
-        error: DeadLetterError,
-        attempts: u32,
-    },
     /// Dead-lettered with its payload.
     DeadLettered {
         error: DeadLetterError,
         attempts: u32,
     },
-    /// Failed in a way that may pass later; handed back to Lambda.
+    /// Failed in a way that may pass later (or could not be dead-lettered, or its settlement
+    /// not recorded); handed back to Lambda.
     Retryable { reason: String, attempts: u32 },
     /// Not started before the deadline cut-off; handed back to Lambda.
     NotStarted,
-    /// Not run because an earlier record of its partition key failed; handed back to Lambda.
+    /// Not run because an earlier record of its partition key failed (or, for a duplicate, its
+    /// first occurrence was handed back); handed back to Lambda.
     Blocked,
-    /// Same idempotency key as the record at this position; settles as it does.
-    DuplicateOf(usize),
 }
 
 impl Outcome {
@@ -134,14 +134,58 @@ impl Outcome {
             Self::Processed { .. } | Self::AlreadyDone | Self::DeadLettered { .. }
         )
     }
+}
 
-    fn blocks_key(&self) -> bool {
-        matches!(
-            self,
-            Self::Retryable { .. } | Self::NotStarted | Self::Blocked
-        )
+/// The states a record passes through inside the processor. Public only as the currency of
+/// [`Mode`], whose implementations live here; users see the final [`Outcome`].
+mod state {
+    use crate::dead_letter::DeadLetterError;
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum RecordState {
+        /// Not decided yet.
+        Pending,
+        Processed {
+            attempts: u32,
+        },
+        AlreadyDone,
+        /// Will never succeed; to be dead-lettered.
+        Permanent {
+            error: DeadLetterError,
+            attempts: u32,
+        },
+        DeadLettered {
+            error: DeadLetterError,
+            attempts: u32,
+        },
+        Retryable {
+            reason: String,
+            attempts: u32,
+        },
+        NotStarted,
+        Blocked,
+        /// Same idempotency key as the record at this position; settles as it does.
+        DuplicateOf(usize),
+    }
+
+    impl RecordState {
+        pub(super) fn is_acknowledged(&self) -> bool {
+            matches!(
+                self,
+                Self::Processed { .. } | Self::AlreadyDone | Self::DeadLettered { .. }
+            )
+        }
+
+        pub(super) fn blocks_key(&self) -> bool {
+            matches!(
+                self,
+                Self::Retryable { .. } | Self::NotStarted | Self::Blocked
+            )
+        }
     }
 }
+
+use state::RecordState;
 
 /// Record counts of one invocation.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -245,8 +289,8 @@ impl Cutoffs {
 
 /// What a [`Mode`] is given to run handlers.
 #[derive(Debug)]
-pub struct RunContext<'a, R> {
-    pub retry: &'a R,
+pub struct RunContext<'a> {
+    pub retry: &'a ExponentialBackoff,
     pub cutoffs: Cutoffs,
     pub max_concurrency: usize,
 }
@@ -255,11 +299,11 @@ pub struct RunContext<'a, R> {
 pub trait Mode: Send + Sync {
     /// Decide the outcome of every `Pending` record (others are already decided and must be
     /// left alone, but a failed one blocks later records of its key). Returns handler calls.
-    fn execute<'a, 'd, R: RetryPolicy>(
+    fn execute<'a, 'd>(
         &'a self,
         records: &'a [Record<'d>],
-        outcomes: &'a mut [Outcome],
-        context: &'a RunContext<'a, R>,
+        outcomes: &'a mut [RecordState],
+        context: &'a RunContext<'a>,
     ) -> impl Future<Output = u32> + Send + 'a;
 }
 
@@ -275,19 +319,19 @@ pub struct Bisecting<H>(pub H);
 /// Decode payloads of pending records; a record that does not decode becomes permanent.
 fn decode_payloads<'d, P: FromRecordData<'d>>(
     records: &[Record<'d>],
-    outcomes: &mut [Outcome],
+    outcomes: &mut [RecordState],
 ) -> Vec<Option<P>> {
     records
         .iter()
         .zip(outcomes.iter_mut())
         .map(|(record, outcome)| {
-            if *outcome != Outcome::Pending {
+            if *outcome != RecordState::Pending {
                 return None;
             }
             match P::from_record_data(record.data) {
                 Ok(payload) => Some(payload),
                 Err(error) => {
-                    *outcome = Outcome::Permanent {
+                    *outcome = RecordState::Permanent {
                         error: DeadLetterError {
                             error_type: error.kind.as_str().to_owned(),
                             message: format!("record {}: {error}", record.id()),
@@ -302,14 +346,14 @@ fn decode_payloads<'d, P: FromRecordData<'d>>(
 }
 
 /// The outcome of a handler error after retries.
-fn failed(error: &HandlerError, attempts: u32) -> Outcome {
+fn failed(error: &HandlerError, attempts: u32) -> RecordState {
     if error.is_retryable() {
-        Outcome::Retryable {
+        RecordState::Retryable {
             reason: format!("{}: {error}", error.error_type()),
             attempts,
         }
     } else {
-        Outcome::Permanent {
+        RecordState::Permanent {
             error: DeadLetterError {
                 error_type: error.error_type().to_owned(),
                 message: error.to_string(),
@@ -330,10 +374,7 @@ async fn guarded(
         Some(at) => match tokio::time::timeout_at(at, caught).await {
             Ok(result) => result,
             Err(_) => {
-                return Err(HandlerError::retryable(
-                    "handler still running at the invocation's deadline margin",
-                )
-                .with_type("DeadlineExceeded"));
+                return Err(HandlerError::retryable(DeadlineExceeded).with_type("DeadlineExceeded"));
             }
         },
         None => caught.await,
@@ -354,24 +395,31 @@ async fn guarded(
     }
 }
 
-/// Whether another attempt is allowed: deadline-exceeded errors get none.
+/// A handler abandoned at the deadline margin: its effect may or may not have happened. A typed
+/// marker (as tower's `Elapsed`), so that what a handler names its own errors never changes how
+/// they are retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("handler still running at the invocation's deadline margin")]
+pub struct DeadlineExceeded;
+
+/// Whether another attempt is allowed: a handler abandoned at the deadline gets none.
 fn worth_retrying(error: &HandlerError) -> bool {
-    error.is_retryable() && error.error_type() != "DeadlineExceeded"
+    error.is_retryable() && !error.source_error().is::<DeadlineExceeded>()
 }
 
 impl<H> Mode for PerRecord<H>
 where
     H: for<'d> RecordHandler<'d>,
 {
-    async fn execute<'a, 'd, R: RetryPolicy>(
+    async fn execute<'a, 'd>(
         &'a self,
         records: &'a [Record<'d>],
-        outcomes: &'a mut [Outcome],
-        context: &'a RunContext<'a, R>,
+        outcomes: &'a mut [RecordState],
+        context: &'a RunContext<'a>,
     ) -> u32 {
         let payloads = decode_payloads::<<H as RecordHandler<'d>>::Payload>(records, outcomes);
         let lanes = Lanes::new(records);
-        let before: &[Outcome] = outcomes;
+        let before: &[RecordState] = outcomes;
         let payloads = &payloads;
         let handler = &self.0;
         // A fixed pool of workers, each taking the next lane and running it to its end: at most
@@ -380,7 +428,7 @@ where
         // stay borrowed. Each record's outcome is decided by its own lane only.
         let next_lane = std::sync::Mutex::new(lanes.heads());
         let worker = || async {
-            let mut decided: Vec<(usize, Outcome)> = Vec::new();
+            let mut decided: Vec<(usize, RecordState)> = Vec::new();
             let mut calls = 0u32;
             loop {
                 let Some(head) = lock(&next_lane).next() else {
@@ -389,13 +437,13 @@ where
                 let mut blocked = false;
                 for index in lanes.lane(head) {
                     let current = &before[index];
-                    let outcome = if *current != Outcome::Pending {
+                    let outcome = if *current != RecordState::Pending {
                         blocked |= current.blocks_key();
                         continue;
                     } else if blocked {
-                        Outcome::Blocked
+                        RecordState::Blocked
                     } else if context.cutoffs.past_start() {
-                        Outcome::NotStarted
+                        RecordState::NotStarted
                     } else {
                         let Some(payload) = payloads[index].as_ref() else {
                             continue;
@@ -408,7 +456,7 @@ where
                             })
                             .await;
                         match attempted.result {
-                            Ok(()) => Outcome::Processed {
+                            Ok(()) => RecordState::Processed {
                                 attempts: attempted.attempts,
                             },
                             Err(error) => {
@@ -449,11 +497,11 @@ impl<H> Mode for Bisecting<H>
 where
     H: for<'d> BatchHandler<'d>,
 {
-    async fn execute<'a, 'd, R: RetryPolicy>(
+    async fn execute<'a, 'd>(
         &'a self,
         records: &'a [Record<'d>],
-        outcomes: &'a mut [Outcome],
-        context: &'a RunContext<'a, R>,
+        outcomes: &'a mut [RecordState],
+        context: &'a RunContext<'a>,
     ) -> u32 {
         let payloads = decode_payloads::<<H as BatchHandler<'d>>::Payload>(records, outcomes);
         let mut blocked_keys: Vec<&str> = Vec::new();
@@ -461,7 +509,7 @@ where
         for (index, outcome) in outcomes.iter().enumerate() {
             if outcome.blocks_key() {
                 blocked_keys.push(records[index].partition_key);
-            } else if *outcome == Outcome::Pending {
+            } else if *outcome == RecordState::Pending {
                 eligible.push(index);
             }
         }
@@ -473,9 +521,9 @@ where
             let mut group_records = Vec::with_capacity(group.len());
             for index in group {
                 if blocked_keys.contains(&records[index].partition_key) {
-                    outcomes[index] = Outcome::Blocked;
+                    outcomes[index] = RecordState::Blocked;
                 } else if context.cutoffs.past_start() {
-                    outcomes[index] = Outcome::NotStarted;
+                    outcomes[index] = RecordState::NotStarted;
                     blocked_keys.push(records[index].partition_key);
                 } else {
                     group_records.push(index);
@@ -501,7 +549,7 @@ where
             match attempted.result {
                 Ok(()) => {
                     for &i in &group_records {
-                        outcomes[i] = Outcome::Processed {
+                        outcomes[i] = RecordState::Processed {
                             attempts: attempted.attempts,
                         };
                     }
@@ -581,14 +629,35 @@ impl Lanes {
 }
 
 /// Processes Kinesis batches: decoding, ordering, retries, bisecting, dead letters, response.
-#[derive(Debug)]
-pub struct Processor<M, S, G = NoGate, C = SystemClock, R = ExponentialBackoff> {
+///
+/// `M` is how the handler runs ([`PerRecord`] or [`Bisecting`]), `S` where dead letters go, `G`
+/// the admission gate (idempotency). Those are the parts that vary and sit on the hot path;
+/// everything else (the clock, the metrics writer, the retry policy) is a value.
+pub struct Processor<M, S, G = NoGate> {
     mode: M,
-    dead_letters: DeadLetterPublisher<S, R>,
+    dead_letters: DeadLetterPublisher<S>,
     gate: G,
-    clock: C,
-    retry: R,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<dyn MetricsWriter>,
+    retry: ExponentialBackoff,
     config: ProcessorConfig,
+    /// The decode buffers of the last invocation, kept for the next (see
+    /// [`DecodedBatch::refill`]); empty while an invocation holds them.
+    spare: std::sync::Mutex<Option<DecodedBatch>>,
+}
+
+impl<M: std::fmt::Debug, S: std::fmt::Debug, G: std::fmt::Debug> std::fmt::Debug
+    for Processor<M, S, G>
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Processor")
+            .field("mode", &self.mode)
+            .field("dead_letters", &self.dead_letters)
+            .field("gate", &self.gate)
+            .field("retry", &self.retry)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
 }
 
 impl<H, S: DeadLetterSink> Processor<PerRecord<H>, S> {
@@ -611,57 +680,54 @@ impl<M, S: DeadLetterSink> Processor<M, S> {
             mode,
             dead_letters: DeadLetterPublisher::new(dead_letters, ExponentialBackoff::default()),
             gate: NoGate,
-            clock: SystemClock,
+            clock: Arc::new(SystemClock),
+            metrics: Arc::new(StdoutMetrics),
             retry: ExponentialBackoff::default(),
             config: ProcessorConfig::default(),
+            spare: std::sync::Mutex::new(None),
         }
     }
 }
 
-impl<M, S, G, C, R> Processor<M, S, G, C, R>
-where
-    S: DeadLetterSink,
-    R: RetryPolicy + Clone,
-{
+impl<M, S: DeadLetterSink, G> Processor<M, S, G> {
     pub fn config(mut self, config: ProcessorConfig) -> Self {
         self.config = config;
         self
     }
 
     /// Admission control, typically [`crate::idempotency`].
-    pub fn gate<G2: RecordGate>(self, gate: G2) -> Processor<M, S, G2, C, R> {
+    pub fn gate<G2: RecordGate>(self, gate: G2) -> Processor<M, S, G2> {
         Processor {
             mode: self.mode,
             dead_letters: self.dead_letters,
             gate,
             clock: self.clock,
+            metrics: self.metrics,
             retry: self.retry,
             config: self.config,
+            spare: self.spare,
         }
     }
 
-    pub fn clock<C2: Clock>(self, clock: C2) -> Processor<M, S, G, C2, R> {
-        Processor {
-            mode: self.mode,
-            dead_letters: self.dead_letters,
-            gate: self.gate,
-            clock,
-            retry: self.retry,
-            config: self.config,
-        }
+    /// The wall clock for record ages, dead-letter times and metric timestamps.
+    pub fn clock(mut self, clock: impl Clock + 'static) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Where each invocation's EMF metrics line goes (stdout by default, where Lambda's log
+    /// agent picks it up).
+    pub fn metrics(mut self, writer: impl MetricsWriter + 'static) -> Self {
+        self.metrics = Arc::new(writer);
+        self
     }
 
     /// The retry policy for handlers and for dead-letter sends.
-    pub fn retry<R2: RetryPolicy + Clone>(self, retry: R2) -> Processor<M, S, G, C, R2> {
+    pub fn retry(mut self, retry: ExponentialBackoff) -> Self {
         let sink = self.dead_letters.into_sink();
-        Processor {
-            mode: self.mode,
-            dead_letters: DeadLetterPublisher::new(sink, retry.clone()),
-            gate: self.gate,
-            clock: self.clock,
-            retry,
-            config: self.config,
-        }
+        self.dead_letters = DeadLetterPublisher::new(sink, retry.clone());
+        self.retry = retry;
+        self
     }
 
     pub fn settings(&self) -> &ProcessorConfig {
@@ -675,14 +741,22 @@ where
     pub fn handler(&self) -> &M {
         &self.mode
     }
+
+    /// The processor's wall clock.
+    pub fn current_clock(&self) -> &dyn Clock {
+        &*self.clock
+    }
+
+    /// Write one metrics line through the configured writer.
+    pub(crate) fn write_metrics(&self, line: &str) {
+        self.metrics.write_line(line);
+    }
 }
 
-impl<M, S, G, C, R> Processor<M, S, G, C, R>
+impl<M, S, G> Processor<M, S, G>
 where
     S: DeadLetterSink,
     G: RecordGate,
-    C: Clock,
-    R: RetryPolicy + Clone,
 {
     /// Process one Lambda Kinesis event. Fails as a whole only when the event itself is
     /// unreadable; everything about single records is in the report.
@@ -722,8 +796,9 @@ where
     ) -> BatchReport {
         let started = Instant::now();
         let cutoffs = Cutoffs::new(invocation.deadline, self.config.deadline_margin);
-        let decoded = DecodedBatch::decode(event_records);
-        let decoded = decoded.records(event_records);
+        let mut batch = lock(&self.spare).take().unwrap_or_default();
+        batch.refill(event_records);
+        let decoded = batch.records(event_records);
         let records: Vec<Record<'_>> = decoded.iter().map(|d| d.record).collect();
         let now_ms = self.clock.now_ms();
         let max_record_age_ms = records
@@ -731,11 +806,11 @@ where
             .map(|r| now_ms.saturating_sub(r.approximate_arrival_ms).max(0))
             .max();
 
-        let mut outcomes: Vec<Outcome> = decoded
+        let mut outcomes: Vec<RecordState> = decoded
             .iter()
             .map(|d| match &d.error {
-                None => Outcome::Pending,
-                Some(error) => Outcome::Permanent {
+                None => RecordState::Pending,
+                Some(error) => RecordState::Permanent {
                     error: DeadLetterError {
                         error_type: error.error_type().to_owned(),
                         message: error.to_string(),
@@ -759,12 +834,12 @@ where
             let Some(outcome) = outcomes.get_mut(index) else {
                 break;
             };
-            if *outcome != Outcome::Pending {
+            if *outcome != RecordState::Pending {
                 match admission {
                     Admission::Run => undecoded_ran[index] = true,
-                    Admission::AlreadyDone => *outcome = Outcome::AlreadyDone,
+                    Admission::AlreadyDone => *outcome = RecordState::AlreadyDone,
                     Admission::Defer { reason } => {
-                        *outcome = Outcome::Retryable {
+                        *outcome = RecordState::Retryable {
                             reason,
                             attempts: 0,
                         };
@@ -775,18 +850,18 @@ where
                 continue;
             }
             *outcome = match admission {
-                Admission::Run => Outcome::Pending,
-                Admission::AlreadyDone => Outcome::AlreadyDone,
-                Admission::DuplicateOf(first) if first < index => Outcome::DuplicateOf(first),
-                Admission::DuplicateOf(_) => Outcome::Pending,
-                Admission::Defer { reason } => Outcome::Retryable {
+                Admission::Run => RecordState::Pending,
+                Admission::AlreadyDone => RecordState::AlreadyDone,
+                Admission::DuplicateOf(first) if first < index => RecordState::DuplicateOf(first),
+                Admission::DuplicateOf(_) => RecordState::Pending,
+                Admission::Defer { reason } => RecordState::Retryable {
                     reason,
                     attempts: 0,
                 },
                 Admission::Reject {
                     error_type,
                     message,
-                } => Outcome::Permanent {
+                } => RecordState::Permanent {
                     error: DeadLetterError {
                         error_type,
                         message: format!("record {}: {message}", records[index].id()),
@@ -798,7 +873,7 @@ where
         let ran: Vec<bool> = outcomes
             .iter()
             .zip(undecoded_ran)
-            .map(|(o, undecoded)| undecoded || *o == Outcome::Pending)
+            .map(|(o, undecoded)| undecoded || *o == RecordState::Pending)
             .collect();
 
         let context = RunContext {
@@ -832,6 +907,9 @@ where
             redeliver_from = report.response.batch_item_failures.first().map(|f| f.item_identifier.as_str()),
             "batch done"
         );
+        drop(records);
+        drop(decoded);
+        *lock(&self.spare) = Some(batch);
         report
     }
 
@@ -839,7 +917,7 @@ where
         &self,
         event_records: &[EventRecord<'_>],
         records: &[Record<'_>],
-        outcomes: &mut [Outcome],
+        outcomes: &mut [RecordState],
         invocation: &Invocation,
         cutoffs: Cutoffs,
     ) {
@@ -847,7 +925,7 @@ where
         let mut positions = Vec::new();
         let mut letters = Vec::new();
         for (index, outcome) in outcomes.iter().enumerate() {
-            let Outcome::Permanent { error, attempts } = outcome else {
+            let RecordState::Permanent { error, attempts } = outcome else {
                 continue;
             };
             let record = &records[index];
@@ -893,7 +971,7 @@ where
                     warn!(shard = record.shard_id, sequence_number = %record.sequence_number,
                         sub_sequence_number = record.sub_sequence_number,
                         error_type = %letter.error.error_type, "record dead-lettered: {}", letter.error.message);
-                    Outcome::DeadLettered {
+                    RecordState::DeadLettered {
                         error: letter.error,
                         attempts: letter.attempts,
                     }
@@ -901,7 +979,7 @@ where
                 Err(error) => {
                     error!(shard = record.shard_id, sequence_number = %record.sequence_number,
                         "dead letter not delivered, handing the record back to Lambda: {error}");
-                    Outcome::Retryable {
+                    RecordState::Retryable {
                         reason: dead_letter_failure(&error),
                         attempts: letter.attempts,
                     }
@@ -914,7 +992,7 @@ where
         &self,
         records: &[Record<'_>],
         ran: &[bool],
-        outcomes: &mut [Outcome],
+        outcomes: &mut [RecordState],
         context: &GateContext<'_>,
     ) {
         let settled: Vec<Option<Settlement>> = ran
@@ -936,7 +1014,7 @@ where
                 let record = &records[index];
                 error!(shard = record.shard_id, sequence_number = %record.sequence_number,
                     "completion not recorded, handing the record back to Lambda: {error}");
-                outcomes[index] = Outcome::Retryable {
+                outcomes[index] = RecordState::Retryable {
                     reason: error.to_string(),
                     attempts: 0,
                 };
@@ -950,12 +1028,12 @@ fn dead_letter_failure(error: &PublishError) -> String {
 }
 
 /// A duplicate settles as its first occurrence: acknowledged with it, handed back with it.
-fn resolve_duplicates(outcomes: &mut [Outcome]) {
+fn resolve_duplicates(outcomes: &mut [RecordState]) {
     for index in 0..outcomes.len() {
-        if let Outcome::DuplicateOf(first) = outcomes[index] {
+        if let RecordState::DuplicateOf(first) = outcomes[index] {
             outcomes[index] = match outcomes.get(first) {
-                Some(o) if o.is_acknowledged() => Outcome::AlreadyDone,
-                _ => Outcome::Blocked,
+                Some(o) if o.is_acknowledged() => RecordState::AlreadyDone,
+                _ => RecordState::Blocked,
             };
         }
     }
@@ -963,7 +1041,7 @@ fn resolve_duplicates(outcomes: &mut [Outcome]) {
 
 fn build_report(
     records: &[Record<'_>],
-    outcomes: Vec<Outcome>,
+    states: Vec<RecordState>,
     handler_calls: u32,
     max_record_age_ms: Option<i64>,
     started: Instant,
@@ -973,19 +1051,33 @@ fn build_report(
         ..Counts::default()
     };
     let mut lowest: Option<SequenceNumber<'_>> = None;
-    for (record, outcome) in records.iter().zip(&outcomes) {
-        match outcome {
+    let mut outcomes = Vec::with_capacity(states.len());
+    for (record, state) in records.iter().zip(states) {
+        let outcome = match state {
+            RecordState::Processed { attempts } => Outcome::Processed { attempts },
+            RecordState::AlreadyDone => Outcome::AlreadyDone,
+            RecordState::DeadLettered { error, attempts } => {
+                Outcome::DeadLettered { error, attempts }
+            }
+            RecordState::Retryable { reason, attempts } => Outcome::Retryable { reason, attempts },
+            RecordState::NotStarted => Outcome::NotStarted,
+            RecordState::Blocked => Outcome::Blocked,
+            // None of these can remain after dead-lettering and settling; should one, it is
+            // handed back rather than let a record slip through acknowledged.
+            RecordState::Pending | RecordState::Permanent { .. } | RecordState::DuplicateOf(_) => {
+                Outcome::Retryable {
+                    reason: "record left undecided by the processor".to_owned(),
+                    attempts: 0,
+                }
+            }
+        };
+        match &outcome {
             Outcome::Processed { .. } => counts.processed += 1,
             Outcome::AlreadyDone => counts.already_done += 1,
             Outcome::DeadLettered { .. } => counts.dead_lettered += 1,
             Outcome::NotStarted => counts.not_started += 1,
             Outcome::Blocked => counts.blocked += 1,
-            // Pending and Permanent cannot remain after dead-lettering; count them as handed
-            // back rather than let a record slip through acknowledged.
-            Outcome::Retryable { .. }
-            | Outcome::Pending
-            | Outcome::Permanent { .. }
-            | Outcome::DuplicateOf(_) => counts.retryable += 1,
+            Outcome::Retryable { .. } => counts.retryable += 1,
         }
         if !outcome.is_acknowledged() {
             lowest = Some(match lowest {
@@ -993,6 +1085,7 @@ fn build_report(
                 _ => record.sequence_number,
             });
         }
+        outcomes.push(outcome);
     }
     let response = match lowest {
         Some(sequence_number) => BatchResponse::redeliver_from(sequence_number.as_str()),

@@ -29,7 +29,7 @@ use tokio::time::Instant;
 
 use crate::handler::ErrorClass;
 use crate::kpl::{self, AggregateEntry};
-use crate::retry::{ExponentialBackoff, RetryPolicy};
+use crate::retry::ExponentialBackoff;
 
 /// Kinesis's limits on `PutRecords`, enforced here because emulators do not all enforce them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,14 +194,14 @@ impl PutReport {
 
 /// Puts records on a stream in `PutRecords` batches, retrying refused records.
 #[derive(Debug)]
-pub struct Producer<W, R = ExponentialBackoff> {
+pub struct Producer<W> {
     writer: W,
-    retry: R,
+    retry: ExponentialBackoff,
     limits: PutRecordsLimits,
     max_in_flight: usize,
 }
 
-impl<W: StreamWriter> Producer<W> {
+impl<W> Producer<W> {
     /// A producer with AWS's limits, the default backoff and 4 calls in flight.
     pub fn new(writer: W) -> Self {
         Self {
@@ -213,15 +213,11 @@ impl<W: StreamWriter> Producer<W> {
     }
 }
 
-impl<W: StreamWriter, R: RetryPolicy> Producer<W, R> {
+impl<W: StreamWriter> Producer<W> {
     /// The backoff between rounds of retries of refused records.
-    pub fn retry<R2: RetryPolicy>(self, retry: R2) -> Producer<W, R2> {
-        Producer {
-            writer: self.writer,
-            retry,
-            limits: self.limits,
-            max_in_flight: self.max_in_flight,
-        }
+    pub fn retry(mut self, retry: ExponentialBackoff) -> Self {
+        self.retry = retry;
+        self
     }
 
     pub fn limits(mut self, limits: PutRecordsLimits) -> Self {
@@ -516,117 +512,6 @@ pub fn aggregate_by_partition_key(
         flush(&mut group, &mut out);
     }
     out
-}
-
-/// Where a [`KinesisStreamWriter`] puts records: a stream name or ARN.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StreamTarget {
-    Name(String),
-    Arn(String),
-}
-
-impl StreamTarget {
-    /// An ARN when it looks like one (`arn:…`), else a name.
-    pub fn parse(name_or_arn: &str) -> Self {
-        if name_or_arn.starts_with("arn:") {
-            Self::Arn(name_or_arn.to_owned())
-        } else {
-            Self::Name(name_or_arn.to_owned())
-        }
-    }
-}
-
-/// `PutRecords` on a real stream (or any endpoint speaking Kinesis, such as moto).
-#[derive(Debug, Clone)]
-pub struct KinesisStreamWriter {
-    client: aws_sdk_kinesis::Client,
-    target: StreamTarget,
-}
-
-impl KinesisStreamWriter {
-    pub fn new(client: aws_sdk_kinesis::Client, target: StreamTarget) -> Self {
-        Self { client, target }
-    }
-}
-
-impl StreamWriter for KinesisStreamWriter {
-    async fn put_records(&self, entries: &[PutEntry<'_>]) -> Result<Vec<EntryResult>, CallError> {
-        use aws_sdk_kinesis::primitives::Blob;
-        use aws_sdk_kinesis::types::PutRecordsRequestEntry;
-
-        let mut request = self.client.put_records();
-        request = match &self.target {
-            StreamTarget::Name(name) => request.stream_name(name),
-            StreamTarget::Arn(arn) => request.stream_arn(arn),
-        };
-        for entry in entries {
-            let built = PutRecordsRequestEntry::builder()
-                .partition_key(entry.partition_key)
-                .set_explicit_hash_key(entry.explicit_hash_key.map(str::to_owned))
-                .data(Blob::new(entry.data))
-                .build()
-                .map_err(|e| CallError {
-                    class: ErrorClass::Permanent,
-                    code: None,
-                    message: e.to_string(),
-                })?;
-            request = request.records(built);
-        }
-        let output = request.send().await.map_err(call_error)?;
-        Ok(output
-            .records()
-            .iter()
-            .map(|result| match result.error_code() {
-                Some(code) => EntryResult::Failed {
-                    error_code: code.to_owned(),
-                    message: result.error_message().unwrap_or_default().to_owned(),
-                },
-                None => EntryResult::Put {
-                    shard_id: result.shard_id().unwrap_or_default().to_owned(),
-                    sequence_number: result.sequence_number().unwrap_or_default().to_owned(),
-                },
-            })
-            .collect())
-    }
-}
-
-/// Classify a failed call: throttling, server faults and transport errors are worth retrying;
-/// a missing stream, bad arguments or access denied are not.
-fn call_error<E, R>(error: aws_smithy_runtime_api::client::result::SdkError<E, R>) -> CallError
-where
-    E: aws_smithy_types::error::metadata::ProvideErrorMetadata + std::error::Error + 'static,
-    R: std::fmt::Debug,
-{
-    use aws_smithy_runtime_api::client::result::SdkError;
-    let code = match &error {
-        SdkError::ServiceError(context) => context.err().code().map(str::to_owned),
-        _ => None,
-    };
-    let class = match &error {
-        SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
-            ErrorClass::Retryable
-        }
-        SdkError::ServiceError(_) => match code.as_deref() {
-            Some(
-                "ProvisionedThroughputExceededException"
-                | "LimitExceededException"
-                | "KMSThrottlingException"
-                | "InternalFailure"
-                | "InternalFailureException"
-                | "ServiceUnavailable"
-                | "ServiceUnavailableException"
-                | "ThrottlingException"
-                | "RequestExpired",
-            ) => ErrorClass::Retryable,
-            _ => ErrorClass::Permanent,
-        },
-        _ => ErrorClass::Permanent,
-    };
-    CallError {
-        class,
-        code,
-        message: aws_sdk_kinesis::error::DisplayErrorContext(&error).to_string(),
-    }
 }
 
 /// A fault the in-memory writer plays on one of its next calls.

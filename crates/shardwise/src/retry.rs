@@ -1,20 +1,16 @@
 //! When and how long to wait before trying again.
 //!
-//! One small policy trait (as tower's `retry::Policy`) serves the handler retries, the dead-letter
-//! sends and the store calls, so backoff is decided in one place and tests can swap in a policy
-//! without jitter. Waiting uses tokio's clock, which tests pause and advance.
+//! One policy value, [`ExponentialBackoff`], serves the handler retries, the dead-letter sends,
+//! the producer and the store calls, so backoff is decided in one place. It is a value rather
+//! than a trait because nothing else ever varied: tests take the same type without jitter
+//! ([`Jitter::None`]) or without retries ([`ExponentialBackoff::none`]). Waiting uses tokio's
+//! clock, which tests pause and advance.
 
 use std::future::Future;
 use std::time::Duration;
 
 use rand::Rng;
 use tokio::time::Instant;
-
-/// Decides whether to retry after a failed attempt and how long to wait first.
-pub trait RetryPolicy: Send + Sync {
-    /// The wait before retry number `retry` (1 for the first retry), or `None` to give up.
-    fn backoff(&self, retry: u32) -> Option<Duration>;
-}
 
 /// How much randomness spreads the waits of many callers that failed together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,8 +53,9 @@ impl ExponentialBackoff {
     }
 }
 
-impl RetryPolicy for ExponentialBackoff {
-    fn backoff(&self, retry: u32) -> Option<Duration> {
+impl ExponentialBackoff {
+    /// The wait before retry number `retry` (1 for the first retry), or `None` to give up.
+    pub fn backoff(&self, retry: u32) -> Option<Duration> {
         if retry == 0 || retry > self.max_retries {
             return None;
         }
@@ -89,7 +86,7 @@ pub struct Attempted<T, E> {
 /// Run `op` until it succeeds, fails with an error `retryable` rejects, the policy gives up, or
 /// the next wait would end after `cutoff`.
 pub async fn retry<T, E, F, Fut>(
-    policy: &impl RetryPolicy,
+    policy: &ExponentialBackoff,
     cutoff: Option<Instant>,
     retryable: impl Fn(&E) -> bool,
     mut op: F,

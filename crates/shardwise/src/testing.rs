@@ -83,34 +83,6 @@ pub fn sequence_number(n: u64) -> String {
     format!("4959033827149025660855969253836157109592157598{n:010}")
 }
 
-/// A ~1 KiB JSON card transaction, the payload shape the benchmarks and examples use.
-pub fn card_transaction(n: u64) -> String {
-    format!(
-        concat!(
-            "{{\"transaction_id\":\"tx-{n:012}\",\"card_id\":\"card-{card:06}\",",
-            "\"merchant_id\":\"m-{m:05}\",\"merchant_category\":\"5411\",\"amount\":{amt}.{cents:02},",
-            "\"currency\":\"EUR\",\"country\":\"DE\",\"lat\":52.52,\"lon\":13.405,",
-            "\"timestamp\":\"2026-11-26T10:00:{s:02}Z\",\"channel\":\"pos\",",
-            "\"device\":{{\"id\":\"dev-{n:08}\",\"ip\":\"203.0.113.{ip}\",\"user_agent\":",
-            "\"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36\"}},",
-            "\"customer\":{{\"id\":\"cust-{card:06}\",\"segment\":\"retail\",\"risk_tier\":\"low\",",
-            "\"since\":\"2019-04-01\",\"email_hash\":\"5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8\"}},",
-            "\"terminal\":{{\"id\":\"term-{m:05}-01\",\"type\":\"chip\",\"entry_mode\":\"contactless\",",
-            "\"address\":\"Unter den Linden 1, 10117 Berlin\"}},",
-            "\"metadata\":{{\"source\":\"acquirer-gateway\",\"schema\":\"card-tx/v3\",\"trace\":\"{n:032x}\",",
-            "\"tags\":[\"grocery\",\"domestic\",\"chip\",\"low-value\"],\"notes\":\"",
-            "synthetic benchmark record padded to about one kibibyte of JSON, as real acquirer payloads are\"}}}}"
-        ),
-        n = n,
-        card = n % 5000,
-        m = n % 997,
-        amt = 5 + n % 200,
-        cents = n % 100,
-        s = n % 60,
-        ip = n % 250,
-    )
-}
-
 /// A tumbling-window handler that counts records per partition key, whatever their payload
 /// (AWS's example), and remembers how each window ended: the subject of window tests, property
 /// tests and fuzzing that are about the window machinery rather than a handler.

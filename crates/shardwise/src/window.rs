@@ -81,18 +81,17 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 use tracing::{error, info, warn};
 
-use crate::clock::{Clock, SystemClock};
 use crate::dead_letter::{DeadLetterError, DeadLetterSink, SinkEntry, SqsLimits};
 use crate::event::{EventError, EventRecord, describe_json_error, parse_event};
 use crate::gate::{NoGate, RecordGate};
 use crate::handler::{HandlerError, RecordHandler};
+use crate::metrics::{EmfDocument, Unit};
 use crate::payload::FromRecordData;
 use crate::processor::{BatchReport, Invocation, PerRecord, Processor, ProcessorConfig};
 use crate::record::{Record, SequenceNumber};
 use crate::response::BatchItemFailure;
-use crate::retry::{ExponentialBackoff, RetryPolicy, retry};
-use crate::runtime::MetricsWriter;
-use crate::transaction::Timestamp;
+use crate::retry::{ExponentialBackoff, retry};
+use crate::time::Timestamp;
 
 /// Lambda's limit on a window's state, per shard.
 pub const LAMBDA_STATE_LIMIT_BYTES: usize = 1_000_000;
@@ -438,6 +437,26 @@ pub struct WindowReport {
     pub state_reset: Option<StateDecodeError>,
 }
 
+impl WindowReport {
+    /// The invocation's metrics: the batch's, plus the state's size and how the window ended.
+    pub fn metrics(&self, namespace: &str, function_name: &str) -> EmfDocument {
+        let mut doc = self.batch.metrics(namespace, function_name).metric(
+            "WindowStateBytes",
+            Unit::Bytes,
+            self.state_bytes as f64,
+        );
+        if let Some(reason) = self.ended {
+            doc = doc
+                .metric("WindowsEnded", Unit::Count, 1.0)
+                .property("windowEnd", reason.as_str());
+        }
+        if self.state_reset.is_some() {
+            doc = doc.metric("WindowStateReset", Unit::Count, 1.0);
+        }
+        doc
+    }
+}
+
 /// Why a window invocation failed as a whole (Lambda retries it with the same state).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -483,9 +502,9 @@ impl WindowError {
 /// Processes tumbling-window invocations: the records through a [`Processor`], the state through
 /// a [`WindowHandler`].
 #[derive(Debug)]
-pub struct WindowProcessor<H, S, G = NoGate, C = SystemClock, R = ExponentialBackoff> {
+pub struct WindowProcessor<H, S, G = NoGate> {
     handler: H,
-    records: Processor<PerRecord<()>, S, G, C, R>,
+    records: Processor<PerRecord<()>, S, G>,
     config: WindowConfig,
     state_retry: ExponentialBackoff,
 }
@@ -502,11 +521,7 @@ impl<H, S: DeadLetterSink> WindowProcessor<H, S> {
     }
 }
 
-impl<H, S, G, C, R> WindowProcessor<H, S, G, C, R>
-where
-    S: DeadLetterSink,
-    R: RetryPolicy + Clone,
-{
+impl<H, S: DeadLetterSink, G> WindowProcessor<H, S, G> {
     pub fn window_config(mut self, config: WindowConfig) -> Self {
         self.config = WindowConfig {
             state_limit_bytes: config.state_limit_bytes.min(LAMBDA_STATE_LIMIT_BYTES),
@@ -515,12 +530,10 @@ where
     }
 
     /// Configure the record processor (`|p| p.config(…).retry(…).gate(…).clock(…)`).
-    pub fn records<G2, C2, R2>(
+    pub fn records<G2>(
         self,
-        configure: impl FnOnce(
-            Processor<PerRecord<()>, S, G, C, R>,
-        ) -> Processor<PerRecord<()>, S, G2, C2, R2>,
-    ) -> WindowProcessor<H, S, G2, C2, R2> {
+        configure: impl FnOnce(Processor<PerRecord<()>, S, G>) -> Processor<PerRecord<()>, S, G2>,
+    ) -> WindowProcessor<H, S, G2> {
         WindowProcessor {
             handler: self.handler,
             records: configure(self.records),
@@ -550,15 +563,19 @@ where
     pub fn dead_letter_sink(&self) -> &S {
         self.records.dead_letter_sink()
     }
+
+    /// The processor the records run through (its clock, metrics writer and settings are the
+    /// window processor's).
+    pub(crate) fn records_processor(&self) -> &Processor<PerRecord<()>, S, G> {
+        &self.records
+    }
 }
 
-impl<H, S, G, C, R> WindowProcessor<H, S, G, C, R>
+impl<H, S, G> WindowProcessor<H, S, G>
 where
     H: for<'d> WindowRecordHandler<'d>,
     S: DeadLetterSink,
     G: RecordGate,
-    C: Clock,
-    R: RetryPolicy + Clone,
 {
     /// Process one tumbling-window invocation. Fails as a whole only when the event is
     /// unreadable, when a final invocation is incomplete, when ending the window fails, or when
@@ -775,47 +792,6 @@ struct StateDeadLetter<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     state: Option<&'a str>,
     state_truncated: bool,
-}
-
-/// Handle one window invocation and write its metrics: what the Lambda service function does,
-/// callable from tests.
-pub async fn handle_invocation<H, S, G, C, R>(
-    processor: &WindowProcessor<H, S, G, C, R>,
-    clock: &impl Clock,
-    metrics: &impl MetricsWriter,
-    namespace: &str,
-    request_id: &str,
-    deadline_ms: i64,
-    event: &[u8],
-) -> Result<WindowResponse, WindowError>
-where
-    H: for<'d> WindowRecordHandler<'d>,
-    S: DeadLetterSink,
-    G: RecordGate,
-    C: Clock,
-    R: RetryPolicy + Clone,
-{
-    let invocation = Invocation::with_deadline_ms(request_id, deadline_ms, clock);
-    let report = processor.process(event, &invocation).await?;
-    let mut doc = report
-        .batch
-        .metrics(namespace, &processor.settings().function_name)
-        .metric(
-            "WindowStateBytes",
-            crate::metrics::Unit::Bytes,
-            report.state_bytes as f64,
-        )
-        .property("requestId", request_id);
-    if let Some(reason) = report.ended {
-        doc = doc
-            .metric("WindowsEnded", crate::metrics::Unit::Count, 1.0)
-            .property("windowEnd", reason.as_str());
-    }
-    if report.state_reset.is_some() {
-        doc = doc.metric("WindowStateReset", crate::metrics::Unit::Count, 1.0);
-    }
-    metrics.write_line(&doc.to_line(clock.now_ms()));
-    Ok(report.response)
 }
 
 #[cfg(test)]

@@ -6,26 +6,23 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::{Value, json};
 use shardwise::clock::SystemClock;
 use shardwise::config::{CommonSettings, Env, check_lambda_environment};
 use shardwise::dead_letter::SinkFault;
-use shardwise::idempotency::{
-    DynamoDbIdempotencyStore, Idempotency, InMemoryIdempotencyStore, JsonFieldKey,
-};
+use shardwise::handle_invocation;
+use shardwise::idempotency::{Idempotency, InMemoryIdempotencyStore, JsonFieldKey};
 use shardwise::kpl::{self, AggregateEntry, KPL_MAGIC};
-use shardwise::processor::{BatchReport, Outcome};
+use shardwise::metrics::MetricsWriter;
+use shardwise::processor::BatchReport;
 use shardwise::response::BatchResponse;
 use shardwise::retry::ExponentialBackoff;
-use shardwise::runtime::{MetricsWriter, handle_invocation};
 use shardwise::testing::{CountPerKey, TestRecord, event_json, plain, raw_data, sequence_number};
 use shardwise::window::{WindowConfig, WindowEndReason, WindowProcessor};
 use shardwise::{
     HandlerError, InMemoryDeadLetterSink, Invocation, Json, Processor, Record, RecordHandler,
-    SqsDeadLetterSink,
 };
 
 /// The payload the handlers of these tests expect.
@@ -96,13 +93,12 @@ fn message(letter: &Value) -> &str {
 
 /// What Lambda sees when the invocation fails: `(errorType, errorMessage)`.
 async fn invocation_error(event: &[u8]) -> (String, String) {
-    let p = processor();
+    let p = processor().metrics(NoMetrics);
     let deadline = shardwise::clock::Clock::now_ms(&SystemClock) + 60_000;
-    let error = handle_invocation(&p, &SystemClock, &NoMetrics, "Test", "req", deadline, event)
+    let error = handle_invocation(&p, "req", deadline as u64, event)
         .await
         .unwrap_err();
-    let diagnostic = lambda_runtime::Diagnostic::from(error);
-    (diagnostic.error_type, diagnostic.error_message)
+    (error.error_type().to_owned(), error.to_string())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -665,104 +661,6 @@ fn row_30_started_outside_lambda_says_what_is_missing() {
         error.to_string(),
         "environment variable AWS_LAMBDA_RUNTIME_API is required (set by Lambda, `cargo lambda watch` or the Shardwise local runner) but is not set"
     );
-}
-
-// ---------------------------------------------------------------------------------------------
-// Unreachable endpoints
-
-/// A loopback port nothing listens on.
-fn closed_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().port()
-}
-
-async fn unreachable_sdk_config() -> aws_config::SdkConfig {
-    aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .endpoint_url(format!("http://127.0.0.1:{}", closed_port()))
-        .region(aws_config::Region::new("us-east-1"))
-        .credentials_provider(aws_sdk_sqs::config::Credentials::new(
-            "test",
-            "test",
-            None,
-            None,
-            "bad-input",
-        ))
-        .retry_config(aws_config::retry::RetryConfig::standard().with_max_attempts(1))
-        .timeout_config(
-            aws_config::timeout::TimeoutConfig::builder()
-                .operation_timeout(Duration::from_secs(5))
-                .build(),
-        )
-        .load()
-        .await
-}
-
-#[tokio::test]
-async fn row_31_unreachable_dead_letter_queue_hands_the_record_back() {
-    let config = unreachable_sdk_config().await;
-    let sink = SqsDeadLetterSink::new(
-        aws_sdk_sqs::Client::new(&config),
-        "http://127.0.0.1/123456789012/dlq",
-    );
-    let p = Processor::per_record(Accept, sink).retry(ExponentialBackoff::none());
-    let event = event_json(&[
-        plain("k", &sequence_number(1), GOOD),
-        plain("k", &sequence_number(2), b"not json"),
-        plain("j", &sequence_number(3), GOOD),
-    ]);
-    let report = p
-        .process(event.as_bytes(), &Invocation::unbounded("req"))
-        .await
-        .unwrap();
-    // Not acknowledged: Lambda redelivers from the record that could not be dead-lettered.
-    assert_eq!(
-        report.response,
-        BatchResponse::redeliver_from(&sequence_number(2))
-    );
-    let Outcome::Retryable { reason, .. } = &report.outcomes[1] else {
-        panic!("{:?}", report.outcomes[1]);
-    };
-    assert!(
-        reason.starts_with(
-            "DeadLetterFailed: dead-letter queue did not accept the message after 1 attempt: dead-letter queue call failed: dispatch failure"
-        ),
-        "{reason}"
-    );
-}
-
-#[tokio::test]
-async fn row_32_unreachable_idempotency_table_hands_the_batch_back() {
-    let config = unreachable_sdk_config().await;
-    let store =
-        DynamoDbIdempotencyStore::new(aws_sdk_dynamodb::Client::new(&config), "idempotency");
-    let gate = Idempotency::new(store).retry(ExponentialBackoff::none());
-    let p = processor().gate(gate);
-    let event = event_json(&[
-        plain("k", &sequence_number(1), GOOD),
-        plain("j", &sequence_number(2), GOOD),
-        raw_data("i", &sequence_number(3), "%%%"),
-    ]);
-    let report = p
-        .process(event.as_bytes(), &Invocation::unbounded("req"))
-        .await
-        .unwrap();
-    assert_eq!(
-        report.response,
-        BatchResponse::redeliver_from(&sequence_number(1))
-    );
-    assert_eq!(report.handler_calls, 0);
-    for outcome in &report.outcomes {
-        let Outcome::Retryable { reason, .. } = outcome else {
-            panic!("{outcome:?}");
-        };
-        assert!(
-            reason.starts_with("IdempotencyStoreUnavailable: idempotency store unavailable: "),
-            "{reason}"
-        );
-    }
-    // Not even the record that does not decode is dead-lettered unrecorded: it waits for the
-    // table like the others.
-    assert!(p.dead_letter_sink().bodies().is_empty());
 }
 
 // ---------------------------------------------------------------------------------------------

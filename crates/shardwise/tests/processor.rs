@@ -108,6 +108,7 @@ fn processor(
         function_name: "test-fn".into(),
         max_concurrency: 4,
         deadline_margin: Duration::from_millis(100),
+        ..ProcessorConfig::default()
     })
 }
 

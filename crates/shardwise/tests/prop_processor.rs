@@ -815,6 +815,7 @@ impl Driver<'_> {
             function_name: FUNCTION.to_owned(),
             max_concurrency: self.scenario.max_concurrency,
             deadline_margin: Duration::from_millis(200),
+            ..ProcessorConfig::default()
         };
         macro_rules! run {
             ($processor:expr, $key:expr) => {{
@@ -848,7 +849,7 @@ impl Driver<'_> {
 
     async fn invoke<M: Mode, K: KeyStrategy>(
         &mut self,
-        processor: &Processor<M, Sink, Gate<K>, TokioClock, ExponentialBackoff>,
+        processor: &Processor<M, Sink, Gate<K>>,
         range: std::ops::Range<usize>,
         faults: &DeliveryFaults,
     ) -> Result<Delivered, TestCaseError> {

@@ -7,15 +7,14 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use serde_json::{Value, json};
+use shardwise::metrics::MetricsWriter;
 use shardwise::processor::Invocation;
 use shardwise::retry::ExponentialBackoff;
-use shardwise::runtime::MetricsWriter;
 use shardwise::testing::{event_json, plain, sequence_number};
 use shardwise::window::{
     WindowConfig, WindowEnd, WindowEndReason, WindowHandler, WindowProcessor, WindowRecordHandler,
-    handle_invocation,
 };
-use shardwise::{HandlerError, InMemoryDeadLetterSink, Json, Record};
+use shardwise::{HandlerError, InMemoryDeadLetterSink, Json, Record, handle_invocation};
 
 /// A window end the handler saw: state, reason, segment, partial.
 type SeenEnd = (BTreeMap<String, u64>, WindowEndReason, Option<String>, bool);
@@ -445,17 +444,18 @@ impl MetricsWriter for Lines {
 
 #[tokio::test]
 async fn the_lambda_entry_point_writes_window_metrics() {
-    let p = processor();
-    let lines = Lines::default();
+    let lines = std::sync::Arc::new(Lines::default());
     let clock = shardwise::clock::ManualClock::new(1_607_497_475_000);
+    let p = processor().records(|r| r.clock(clock).metrics(lines.clone()));
     let event = window_event(
         &[],
         json!({"isFinalInvokeForWindow": true, "state": {"a": 1}}),
     );
-    let response = handle_invocation(&p, &clock, &lines, "Test", "req", 1_607_497_535_000, &event)
+    let response = handle_invocation(&p, "req", 1_607_497_535_000, &event)
         .await
         .unwrap();
-    assert_eq!(serde_json::to_value(&response).unwrap()["state"], json!({}));
+    let response: Value = serde_json::from_slice(&response).unwrap();
+    assert_eq!(response["state"], json!({}));
     let lines = lines.0.lock().unwrap();
     let line: Value = serde_json::from_str(&lines[0]).unwrap();
     assert_eq!(line["WindowsEnded"], 1.0);

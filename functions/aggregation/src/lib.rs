@@ -41,16 +41,18 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use shardwise::clock::{Clock, SystemClock};
 use shardwise::config::{ConfigError, Env, EnvSource};
-use shardwise::transaction::StreamPayload;
 use shardwise::window::{
     DEFAULT_STATE_LIMIT_BYTES, LAMBDA_STATE_LIMIT_BYTES, WindowEnd, WindowHandler,
     WindowRecordHandler,
 };
 use shardwise::{HandlerError, Record};
+use shardwise_cards::transaction::StreamPayload;
 use tracing::info;
 
 use crate::cards::{CardSet, card_hash};
-use crate::store::{AggregateStore, CanaryAcks, PutOutcome, StoreError, WindowAggregate};
+use shardwise_cards::canary::{CanaryAck, CanaryAckStore};
+
+use crate::store::{AggregateStore, PutOutcome, StoreError, WindowAggregate};
 
 /// The consumer name written into canary acknowledgements.
 pub const CONSUMER: &str = "aggregation";
@@ -186,7 +188,7 @@ pub struct Aggregation<A, K, C = SystemClock> {
     write_concurrency: usize,
 }
 
-impl<A: AggregateStore, K: CanaryAcks> Aggregation<A, K> {
+impl<A: AggregateStore, K: CanaryAckStore> Aggregation<A, K> {
     pub fn new(aggregates: A, acks: K) -> Self {
         Self {
             aggregates,
@@ -221,7 +223,7 @@ impl<A, K, C> Aggregation<A, K, C> {
     }
 }
 
-impl<A: AggregateStore, K: CanaryAcks, C: Clock> WindowHandler for Aggregation<A, K, C> {
+impl<A: AggregateStore, K: CanaryAckStore, C: Clock> WindowHandler for Aggregation<A, K, C> {
     type State = WindowState;
     type Contribution = Sale;
 
@@ -287,7 +289,7 @@ impl<A: AggregateStore, K: CanaryAcks, C: Clock> WindowHandler for Aggregation<A
     }
 }
 
-impl<'d, A: AggregateStore, K: CanaryAcks, C: Clock> WindowRecordHandler<'d>
+impl<'d, A: AggregateStore, K: CanaryAckStore, C: Clock> WindowRecordHandler<'d>
     for Aggregation<A, K, C>
 {
     type Payload = StreamPayload<'d>;
@@ -299,8 +301,14 @@ impl<'d, A: AggregateStore, K: CanaryAcks, C: Clock> WindowRecordHandler<'d>
     ) -> Result<Option<Sale>, HandlerError> {
         match payload {
             StreamPayload::Canary(canary) => {
+                let ack = CanaryAck {
+                    canary_id: canary.canary_id.clone().into_owned(),
+                    consumer: CONSUMER.to_owned(),
+                    sent_at: canary.sent_at,
+                    acked_at: self.clock.now_ms(),
+                };
                 self.acks
-                    .ack(&canary.canary_id, self.clock.now_ms())
+                    .acknowledge(std::slice::from_ref(&ack))
                     .await
                     .map_err(|e| HandlerError::retryable(e).with_type("CanaryAckFailed"))?;
                 Ok(None)

@@ -1,4 +1,5 @@
-//! Where aggregates and canary acknowledgements go: DynamoDB in Lambda, memory in tests.
+//! Where aggregates go: DynamoDB in Lambda, SQLite in the local runner, memory in tests. Canary
+//! acknowledgements go through the shared store (`shardwise_cards::canary`).
 //!
 //! The stores only put items under a condition; deciding what to write, and merging with what is
 //! there, is [`crate::write_segment`]'s job, so the in-memory store behaves as DynamoDB does by
@@ -73,17 +74,6 @@ pub trait AggregateStore: Send + Sync {
         item: &WindowAggregate,
         expected_version: Option<u64>,
     ) -> impl Future<Output = Result<PutOutcome, StoreError>> + Send;
-}
-
-/// Acknowledgements of canary records.
-pub trait CanaryAcks: Send + Sync {
-    /// Record that this consumer saw `canary_id` at `acked_at_ms`. The first acknowledgement
-    /// stands: a redelivered canary must not make the latency look longer.
-    fn ack(
-        &self,
-        canary_id: &str,
-        acked_at_ms: i64,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
 /// Aggregates in a DynamoDB table whose partition key is `id` (S).
@@ -289,78 +279,18 @@ pub fn decimal_to_milli(text: &str) -> Option<i64> {
     Some(if negative { -value } else { value })
 }
 
-/// Canary acknowledgements in a DynamoDB table keyed by `canary_id` (S) and `consumer` (S), with
-/// TTL on `expiration` (epoch seconds).
-#[derive(Debug, Clone)]
-pub struct DynamoDbCanaryAcks {
-    client: aws_sdk_dynamodb::Client,
-    table: String,
-    consumer: String,
-    ttl_seconds: i64,
-}
-
-impl DynamoDbCanaryAcks {
-    pub fn new(
-        client: aws_sdk_dynamodb::Client,
-        table: impl Into<String>,
-        consumer: impl Into<String>,
-        ttl_seconds: i64,
-    ) -> Self {
-        Self {
-            client,
-            table: table.into(),
-            consumer: consumer.into(),
-            ttl_seconds,
-        }
-    }
-}
-
-impl CanaryAcks for DynamoDbCanaryAcks {
-    async fn ack(&self, canary_id: &str, acked_at_ms: i64) -> Result<(), StoreError> {
-        let result = self
-            .client
-            .put_item()
-            .table_name(&self.table)
-            .item("canary_id", AttributeValue::S(canary_id.to_owned()))
-            .item("consumer", AttributeValue::S(self.consumer.clone()))
-            .item("acked_at", AttributeValue::N(acked_at_ms.to_string()))
-            .item(
-                "expiration",
-                AttributeValue::N((acked_at_ms / 1000 + self.ttl_seconds).to_string()),
-            )
-            .condition_expression("attribute_not_exists(canary_id)")
-            .send()
-            .await;
-        match result {
-            Ok(_) => Ok(()),
-            Err(SdkError::ServiceError(service))
-                if matches!(
-                    service.err(),
-                    PutItemError::ConditionalCheckFailedException(_)
-                ) =>
-            {
-                Ok(())
-            }
-            Err(other) => Err(StoreError::Call {
-                table: self.table.clone(),
-                message: describe(&other),
-            }),
-        }
-    }
-}
-
 /// Aggregates in the local runner's SQLite file (table `aggregates`), with DynamoDB's conditions.
 #[cfg(feature = "local")]
 #[derive(Debug, Clone)]
 pub struct SqliteAggregateStore {
-    table: shardwise::local::SqliteTable,
+    table: shardwise_sqlite::SqliteTable,
 }
 
 #[cfg(feature = "local")]
 impl SqliteAggregateStore {
-    pub fn new(db: std::sync::Arc<shardwise::local::LocalDb>) -> Self {
+    pub fn new(db: std::sync::Arc<shardwise_sqlite::LocalDb>) -> Self {
         Self {
-            table: shardwise::local::SqliteTable::new(db, "aggregates"),
+            table: shardwise_sqlite::SqliteTable::new(db, "aggregates"),
         }
     }
 }
@@ -372,7 +302,7 @@ impl AggregateStore for SqliteAggregateStore {
         item: &WindowAggregate,
         expected_version: Option<u64>,
     ) -> Result<PutOutcome, StoreError> {
-        use shardwise::local::{Condition, PutResult};
+        use shardwise_sqlite::{Condition, PutResult};
         let condition = match expected_version {
             None => Condition::NotExists,
             Some(version) => Condition::NumberEquals {
@@ -380,7 +310,7 @@ impl AggregateStore for SqliteAggregateStore {
                 value: version.to_string(),
             },
         };
-        let call = |e: shardwise::local::LocalError| StoreError::Call {
+        let call = |e: shardwise_sqlite::LocalError| StoreError::Call {
             table: "aggregates".to_owned(),
             message: e.to_string(),
         };
@@ -403,55 +333,6 @@ impl AggregateStore for SqliteAggregateStore {
                     .map(Box::new),
             )),
         }
-    }
-}
-
-/// Canary acknowledgements in the local runner's SQLite file (table `canary`); the first stands.
-#[cfg(feature = "local")]
-#[derive(Debug, Clone)]
-pub struct SqliteCanaryAcks {
-    table: shardwise::local::SqliteTable,
-    consumer: String,
-}
-
-#[cfg(feature = "local")]
-impl SqliteCanaryAcks {
-    pub fn new(db: std::sync::Arc<shardwise::local::LocalDb>, consumer: impl Into<String>) -> Self {
-        Self {
-            table: shardwise::local::SqliteTable::new(db, "canary"),
-            consumer: consumer.into(),
-        }
-    }
-}
-
-#[cfg(feature = "local")]
-impl CanaryAcks for SqliteCanaryAcks {
-    async fn ack(&self, canary_id: &str, acked_at_ms: i64) -> Result<(), StoreError> {
-        let item = HashMap::from([
-            (
-                "canary_id".to_owned(),
-                AttributeValue::S(canary_id.to_owned()),
-            ),
-            (
-                "consumer".to_owned(),
-                AttributeValue::S(self.consumer.clone()),
-            ),
-            (
-                "acked_at".to_owned(),
-                AttributeValue::N(acked_at_ms.to_string()),
-            ),
-        ]);
-        self.table
-            .put(
-                &format!("{canary_id}#{}", self.consumer),
-                &item,
-                &shardwise::local::Condition::NotExists,
-            )
-            .map(|_| ())
-            .map_err(|e| StoreError::Call {
-                table: "canary".to_owned(),
-                message: e.to_string(),
-            })
     }
 }
 
@@ -527,50 +408,6 @@ impl AggregateStore for InMemoryAggregateStore {
         items.insert(item.id.clone(), item.clone());
         self.writes.fetch_add(1, Ordering::SeqCst);
         Ok(PutOutcome::Written)
-    }
-}
-
-/// Canary acknowledgements in memory: `(canary_id, acked_at_ms)`, first one kept.
-#[derive(Debug, Default)]
-pub struct InMemoryCanaryAcks {
-    acks: Mutex<Vec<(String, i64)>>,
-    failures: AtomicU32,
-}
-
-impl InMemoryCanaryAcks {
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    pub fn acks(&self) -> Vec<(String, i64)> {
-        self.acks
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
-    }
-
-    /// Make the next `n` acknowledgements fail as a throttled call would.
-    pub fn fail_next(&self, n: u32) {
-        self.failures.store(n, Ordering::SeqCst);
-    }
-}
-
-impl CanaryAcks for InMemoryCanaryAcks {
-    async fn ack(&self, canary_id: &str, acked_at_ms: i64) -> Result<(), StoreError> {
-        if take_failure(&self.failures) {
-            return Err(StoreError::Call {
-                table: "memory".to_owned(),
-                message: "ThrottlingException: injected".to_owned(),
-            });
-        }
-        let mut acks = self
-            .acks
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if !acks.iter().any(|(id, _)| id == canary_id) {
-            acks.push((canary_id.to_owned(), acked_at_ms));
-        }
-        Ok(())
     }
 }
 

@@ -9,13 +9,14 @@
 use std::path::PathBuf;
 
 use aggregation::Aggregation;
-use aggregation::store::{InMemoryAggregateStore, InMemoryCanaryAcks};
+use aggregation::store::InMemoryAggregateStore;
 use serde_json::{Value, json};
 use shardwise::InMemoryDeadLetterSink;
 use shardwise::processor::Invocation;
 use shardwise::testing::sequence_number;
-use shardwise::transaction::Timestamp;
+use shardwise::time::Timestamp;
 use shardwise::window::WindowProcessor;
+use shardwise_cards::canary::InMemoryCanaryAckStore;
 
 const SHARD: &str = "shardId-000000000000";
 const STREAM_ARN: &str = "arn:aws:kinesis:us-east-1:123456789012:stream/shardwise-transactions";
@@ -85,7 +86,7 @@ fn event(records: Vec<Value>, state: Option<Value>, final_invoke: bool) -> Value
 
 async fn state_after(event: &Value) -> Value {
     let processor = WindowProcessor::new(
-        Aggregation::new(InMemoryAggregateStore::new(), InMemoryCanaryAcks::new()),
+        Aggregation::new(InMemoryAggregateStore::new(), InMemoryCanaryAckStore::new()),
         InMemoryDeadLetterSink::new(),
     );
     let report = processor

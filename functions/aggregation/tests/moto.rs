@@ -5,8 +5,8 @@
 
 use std::path::PathBuf;
 
-use aggregation::store::{DynamoDbAggregateStore, DynamoDbCanaryAcks, from_item};
-use aggregation::{Aggregation, CONSUMER};
+use aggregation::Aggregation;
+use aggregation::store::{DynamoDbAggregateStore, from_item};
 use aws_config::SdkConfig;
 use aws_sdk_dynamodb::types::AttributeValue;
 use serde_json::{Value, json};
@@ -14,11 +14,12 @@ use shardwise::InMemoryDeadLetterSink;
 use shardwise::clock::ManualClock;
 use shardwise::processor::Invocation;
 use shardwise::window::{WindowConfig, WindowEndReason, WindowProcessor};
+use shardwise_cards::canary::DynamoDbCanaryAckStore;
 use shardwise_testkit::{KeyType, create_table, moto_config};
 
 const NOW_MS: i64 = 1_795_687_265_000;
 
-type Handler = Aggregation<DynamoDbAggregateStore, DynamoDbCanaryAcks, ManualClock>;
+type Handler = Aggregation<DynamoDbAggregateStore, DynamoDbCanaryAckStore, ManualClock>;
 
 fn load(name: &str) -> Vec<u8> {
     std::fs::read(
@@ -55,7 +56,7 @@ fn processor(setup: &Setup, limit: usize) -> WindowProcessor<Handler, InMemoryDe
     let client = aws_sdk_dynamodb::Client::new(&setup.config);
     let handler = Aggregation::new(
         DynamoDbAggregateStore::new(client.clone(), &setup.aggregates_table),
-        DynamoDbCanaryAcks::new(client, &setup.canary_table, CONSUMER, 3600),
+        DynamoDbCanaryAckStore::new(client, &setup.canary_table).ttl_seconds(3600),
     )
     .clock(ManualClock::new(NOW_MS));
     WindowProcessor::new(handler, InMemoryDeadLetterSink::new()).window_config(WindowConfig {

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use aggregation::store::{InMemoryAggregateStore, InMemoryCanaryAcks};
+use aggregation::store::InMemoryAggregateStore;
 use aggregation::{Aggregation, WindowState};
 use serde_json::{Value, json};
 use shardwise::InMemoryDeadLetterSink;
@@ -13,8 +13,9 @@ use shardwise::clock::ManualClock;
 use shardwise::processor::Invocation;
 use shardwise::retry::ExponentialBackoff;
 use shardwise::window::{WindowConfig, WindowEndReason, WindowError, WindowProcessor};
+use shardwise_cards::canary::{CanaryAckError, InMemoryCanaryAckStore};
 
-type Handler = Aggregation<InMemoryAggregateStore, InMemoryCanaryAcks, ManualClock>;
+type Handler = Aggregation<InMemoryAggregateStore, InMemoryCanaryAckStore, ManualClock>;
 
 const NOW_MS: i64 = 1_795_687_265_000;
 
@@ -27,7 +28,7 @@ fn load(name: &str) -> Vec<u8> {
 }
 
 fn processor(limit: usize) -> WindowProcessor<Handler, InMemoryDeadLetterSink> {
-    let handler = Aggregation::new(InMemoryAggregateStore::new(), InMemoryCanaryAcks::new())
+    let handler = Aggregation::new(InMemoryAggregateStore::new(), InMemoryCanaryAckStore::new())
         .clock(ManualClock::new(NOW_MS));
     WindowProcessor::new(handler, InMemoryDeadLetterSink::new())
         .records(|p| p.retry(ExponentialBackoff::none()))
@@ -76,8 +77,13 @@ async fn each_sample_event_answers_as_the_readme_says() {
     assert_eq!(state.categories["5812"].count, 1);
     // The canary is acknowledged, not aggregated.
     assert_eq!(
-        p.handler().acks().acks(),
-        vec![("canary-2026-11-26T10:00:05Z-0".to_owned(), NOW_MS)]
+        p.handler()
+            .acks()
+            .acks()
+            .iter()
+            .map(|a| (a.canary_id.as_str(), a.consumer.as_str(), a.acked_at))
+            .collect::<Vec<_>>(),
+        vec![("canary-2026-11-26T10:00:05Z-0", "aggregation", NOW_MS)]
     );
     // The middle event carries exactly the state the first one returns.
     let middle: Value = serde_json::from_slice(&load("window-middle.json")).unwrap();
@@ -180,7 +186,7 @@ async fn records_failing_mid_window_are_neither_lost_nor_counted_twice() {
     // The canary's acknowledgement fails (throttled): the processor hands it back, and Lambda
     // redelivers from its sequence number, with the state returned alongside.
     let p = default_processor();
-    p.handler().acks().fail_next(1);
+    p.handler().acks().fail_next(throttled());
     let first = load("window-first.json");
     let answer = invoke(&p, &first).await.unwrap();
     let failures = answer["batchItemFailures"].as_array().unwrap().clone();
@@ -224,7 +230,7 @@ async fn a_final_invocation_with_a_failing_record_is_retried_whole() {
     let p = default_processor();
     let mut event: Value = serde_json::from_slice(&load("window-first.json")).unwrap();
     event["isFinalInvokeForWindow"] = json!(true);
-    p.handler().acks().fail_next(1);
+    p.handler().acks().fail_next(throttled());
     let err = invoke(&p, &serde_json::to_vec(&event).unwrap())
         .await
         .unwrap_err();
@@ -380,4 +386,12 @@ async fn the_state_stays_small_with_many_cards() {
     let bytes = serde_json::to_vec(&state).unwrap().len();
     // 200 categories with a 1 KiB sketch each: well under the 768 KiB default limit.
     assert!(bytes < 320 * 1024, "{bytes} bytes");
+}
+
+/// What a throttled acknowledgement write reports.
+fn throttled() -> CanaryAckError {
+    CanaryAckError {
+        retryable: true,
+        message: "ThrottlingException: injected".to_owned(),
+    }
 }

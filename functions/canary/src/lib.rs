@@ -29,10 +29,10 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use shardwise::clock::Clock;
 use shardwise::config::{ConfigError, Env, EnvSource};
+use shardwise::metrics::MetricsWriter;
 use shardwise::metrics::{EmfDocument, Unit};
 use shardwise::producer::{Producer, ProducerRecord, StreamWriter};
-use shardwise::runtime::MetricsWriter;
-use shardwise::transaction::CanaryRecord;
+use shardwise_cards::transaction::CanaryRecord;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
@@ -134,7 +134,7 @@ impl CanarySettings {
         if consumers.is_empty()
             || consumers
                 .iter()
-                .any(|c| c == shardwise::transaction::canary_table::SENDER)
+                .any(|c| c == shardwise_cards::canary::canary_table::SENDER)
         {
             return Err(invalid(
                 "CANARY_CONSUMERS",

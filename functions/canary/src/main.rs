@@ -10,10 +10,10 @@ use std::process::ExitCode;
 use canary::store::DynamoDbCanaryStore;
 use canary::{Canary, CanarySettings};
 use shardwise::clock::SystemClock;
-use shardwise::config::{Env, ProcessEnv, check_lambda_environment};
-use shardwise::producer::{KinesisStreamWriter, Producer, StreamTarget};
-use shardwise::runtime::StdoutMetrics;
-use shardwise::telemetry::{self, LogFormat};
+use shardwise::metrics::StdoutMetrics;
+use shardwise::producer::Producer;
+use shardwise_aws::{KinesisStreamWriter, StreamTarget};
+use shardwise_cards::start::{Backend, start};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
@@ -27,12 +27,10 @@ async fn main() -> ExitCode {
 }
 
 async fn run() -> anyhow::Result<()> {
-    let env = Env(ProcessEnv);
-    let settings = CanarySettings::from_env(&env)?;
-    check_lambda_environment(&env)?;
-    telemetry::init(LogFormat::Json, &settings.log_filter);
-
-    let sdk = shardwise::aws::sdk_config(None).await;
+    let (settings, backend) = start(CanarySettings::from_env, |s| &s.log_filter).await?;
+    let Backend::Aws(sdk) = backend else {
+        anyhow::bail!("the canary runs against AWS only (it is a scheduled function)");
+    };
     let kinesis = aws_sdk_kinesis::Client::new(&sdk);
     let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
     let canary = Canary::new(

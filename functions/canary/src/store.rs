@@ -1,7 +1,7 @@
 //! The canary table as the canary function uses it: its own "sent" rows, the consumers'
 //! acknowledgements, and which consumers of a canary have been reported.
 //!
-//! The row shape is [`shardwise::transaction::canary_table`]. The canary's own row of a canary
+//! The row shape is [`shardwise_cards::canary::canary_table`]. The canary's own row of a canary
 //! has `consumer` = [`SENDER`] and, once reported, a string set `reported` of the consumers whose
 //! latency or absence was already emitted: each is emitted once, by the first run that claims it
 //! (one conditional `UpdateItem`), even when two runs overlap.
@@ -13,7 +13,7 @@ use std::sync::Mutex;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::types::AttributeValue;
-use shardwise::transaction::canary_table::{
+use shardwise_cards::canary::canary_table::{
     ACKED_AT, CANARY_ID, CONSUMER, EXPIRATION, SENDER, SENT_AT,
 };
 
@@ -175,7 +175,7 @@ impl CanaryStore for DynamoDbCanaryStore {
                 keys.push(Self::key(id, consumer));
             }
         }
-        use shardwise::aws::dynamodb::{BatchGetError, batch_get_consistent};
+        use shardwise_aws::dynamodb::{BatchGetError, batch_get_consistent};
         let items = batch_get_consistent(&self.client, &self.table, keys, MAX_GET_ROUNDS)
             .await
             .map_err(|error| match error {

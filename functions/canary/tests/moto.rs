@@ -10,11 +10,11 @@ use canary::store::DynamoDbCanaryStore;
 use canary::{Canary, RunSettings};
 use shardwise::FromRecordData;
 use shardwise::clock::ManualClock;
-use shardwise::producer::{KinesisStreamWriter, Producer, StreamTarget};
-use shardwise::runtime::MetricsWriter;
-use shardwise::transaction::{
-    CanaryAck, CanaryAckStore, DynamoDbCanaryAckStore, StreamPayload, canary_table,
-};
+use shardwise::metrics::MetricsWriter;
+use shardwise::producer::Producer;
+use shardwise_aws::{KinesisStreamWriter, StreamTarget};
+use shardwise_cards::canary::{CanaryAck, CanaryAckStore, DynamoDbCanaryAckStore, canary_table};
+use shardwise_cards::transaction::StreamPayload;
 use shardwise_testkit::{KeyType, MotoConfig, create_table, moto_config, unique_name};
 
 #[derive(Default)]

@@ -8,10 +8,10 @@ use canary::store::InMemoryCanaryStore;
 use canary::{Canary, CanaryError, RunSettings, ScheduledEvent, canary_id};
 use shardwise::FromRecordData;
 use shardwise::clock::ManualClock;
+use shardwise::metrics::MetricsWriter;
 use shardwise::producer::{InMemoryStreamWriter, Producer, WriterFault};
 use shardwise::retry::{ExponentialBackoff, Jitter};
-use shardwise::runtime::MetricsWriter;
-use shardwise::transaction::StreamPayload;
+use shardwise_cards::transaction::StreamPayload;
 
 /// Captures EMF lines.
 #[derive(Default)]

@@ -32,8 +32,10 @@ use shardwise::dead_letter::DeadLetterSink;
 use shardwise::payload::{FromRecordData, PayloadError, PayloadErrorKind};
 use shardwise::processor::Bisecting;
 use shardwise::retry::{ExponentialBackoff, retry};
-use shardwise::transaction::{CanaryAck, CanaryAckStore, StreamPayload, Timestamp, Transaction};
+use shardwise::time::Timestamp;
 use shardwise::{BatchHandler, HandlerError, Processor, Record, TypedRecord};
+use shardwise_cards::canary::{CanaryAck, CanaryAckStore};
+use shardwise_cards::transaction::{StreamPayload, Transaction};
 use tracing::{info, warn};
 
 use crate::alert::{Alert, AlertSink, OutgoingAlert};

@@ -1,7 +1,7 @@
 //! The local runner's backends for `fraud` (`SHARDWISE_BACKEND=local`, feature `local`): card
 //! state and alerts in the SQLite file the runner gives (`SHARDWISE_LOCAL_DB`).
 
-use shardwise::local::SqliteQueue;
+use shardwise_sqlite::SqliteQueue;
 
 use crate::alert::{AlertError, AlertSink, OutgoingAlert};
 
@@ -14,9 +14,9 @@ pub struct SqliteAlertSink {
 }
 
 impl SqliteAlertSink {
-    pub fn new(db: std::sync::Arc<shardwise::local::LocalDb>) -> Self {
+    pub fn new(db: std::sync::Arc<shardwise_sqlite::LocalDb>) -> Self {
         Self {
-            queue: SqliteQueue::new(db, shardwise::local::queues::ALERTS),
+            queue: SqliteQueue::new(db, shardwise_sqlite::queues::ALERTS),
         }
     }
 }

@@ -8,7 +8,7 @@
 use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
-use shardwise::transaction::{Channel, Transaction};
+use shardwise_cards::transaction::{Channel, Transaction};
 
 /// Which rule fired.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -383,7 +383,7 @@ pub fn haversine_km(lat1: f64, lon1: f64, lat2: f64, lon2: f64) -> f64 {
 #[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 mod tests {
     use super::*;
-    use shardwise::transaction::Timestamp;
+    use shardwise::time::Timestamp;
 
     fn tx(at_s: i64, amount: f64, lat: f64, lon: f64, channel: Channel) -> Transaction<'static> {
         Transaction {

@@ -238,26 +238,16 @@ fn alerts_value(alerts: &[String]) -> AttributeValue {
     AttributeValue::L(alerts.iter().cloned().map(AttributeValue::S).collect())
 }
 
-fn classify<E, R>(error: SdkError<E, R>) -> StateError
+/// Retryable or not by the one list every Shardwise client shares.
+fn classify<E>(error: SdkError<E, aws_sdk_dynamodb::config::http::HttpResponse>) -> StateError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug,
 {
     let text = aws_sdk_dynamodb::error::DisplayErrorContext(&error).to_string();
-    match &error {
-        SdkError::ServiceError(context) => match context.err().code() {
-            Some(
-                "ProvisionedThroughputExceededException"
-                | "ThrottlingException"
-                | "RequestLimitExceeded"
-                | "InternalServerError"
-                | "ServiceUnavailable"
-                | "TransactionConflictException"
-                | "TransactionInProgressException",
-            ) => StateError::Unavailable(text),
-            _ => StateError::Rejected(text),
-        },
-        _ => StateError::Unavailable(text),
+    if shardwise_aws::retryable::classify(&error).is_retryable() {
+        StateError::Unavailable(text)
+    } else {
+        StateError::Rejected(text)
     }
 }
 
@@ -327,7 +317,7 @@ fn parse_state(item: &HashMap<String, AttributeValue>) -> Result<CardState, Stat
 impl CardStateStore for DynamoDbCardStateStore {
     async fn load(&self, card_ids: &[&str]) -> Result<Vec<Option<CardState>>, StateError> {
         let mut found: HashMap<String, CardState> = HashMap::with_capacity(card_ids.len());
-        use shardwise::aws::dynamodb::{BatchGetError, batch_get_consistent};
+        use shardwise_aws::dynamodb::{BatchGetError, batch_get_consistent};
         let keys = card_ids
             .iter()
             .map(|id| {

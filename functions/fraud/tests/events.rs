@@ -13,8 +13,8 @@ use shardwise::clock::ManualClock;
 use shardwise::config::{CommonSettings, Env};
 use shardwise::processor::{Bisecting, Outcome};
 use shardwise::retry::{ExponentialBackoff, Jitter};
-use shardwise::transaction::InMemoryCanaryAckStore;
 use shardwise::{InMemoryDeadLetterSink, Invocation, Processor};
+use shardwise_cards::canary::InMemoryCanaryAckStore;
 
 type Handler =
     FraudHandler<InMemoryCardStateStore, InMemoryAlertSink, InMemoryCanaryAckStore, ManualClock>;

@@ -14,9 +14,9 @@ use fraud::{FraudHandler, FraudSettings};
 use shardwise::clock::ManualClock;
 use shardwise::config::Env;
 use shardwise::processor::Bisecting;
-use shardwise::retry::ExponentialBackoff;
-use shardwise::transaction::{DynamoDbCanaryAckStore, canary_table};
-use shardwise::{Invocation, Processor, SqsDeadLetterSink};
+use shardwise::{Invocation, Processor};
+use shardwise_aws::SqsDeadLetterSink;
+use shardwise_cards::canary::{DynamoDbCanaryAckStore, canary_table};
 use shardwise_testkit::{KeyType, create_queue, create_table, drain_queue, moto_config};
 
 struct Resources {
@@ -51,13 +51,7 @@ fn processor(
     config: &SdkConfig,
     r: &Resources,
     alerts_queue: &str,
-) -> Processor<
-    Bisecting<MotoHandler>,
-    SqsDeadLetterSink,
-    shardwise::gate::NoGate,
-    shardwise::clock::SystemClock,
-    ExponentialBackoff,
-> {
+) -> Processor<Bisecting<MotoHandler>, SqsDeadLetterSink, shardwise::gate::NoGate> {
     let settings = FraudSettings::from_env(&Env(std::collections::HashMap::from([
         ("DEAD_LETTER_QUEUE_URL", r.dead_letter_queue.as_str()),
         ("ALERTS_QUEUE_URL", alerts_queue),
@@ -104,13 +98,7 @@ fn event(name: &str) -> Vec<u8> {
 }
 
 async fn deliver(
-    p: &Processor<
-        Bisecting<MotoHandler>,
-        SqsDeadLetterSink,
-        shardwise::gate::NoGate,
-        shardwise::clock::SystemClock,
-        ExponentialBackoff,
-    >,
+    p: &Processor<Bisecting<MotoHandler>, SqsDeadLetterSink, shardwise::gate::NoGate>,
     name: &str,
 ) -> String {
     let report = p

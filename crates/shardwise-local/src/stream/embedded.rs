@@ -40,7 +40,7 @@ impl EmbeddedStream {
         }
         let path = path_ref.display().to_string();
         let err = sqlite(&path);
-        let conn = shardwise::local::open_shared(
+        let conn = shardwise_sqlite::open_shared(
             path_ref,
             "CREATE TABLE IF NOT EXISTS streams (name TEXT PRIMARY KEY, shard_count INTEGER NOT NULL);
              CREATE TABLE IF NOT EXISTS records (

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::Value;
-use shardwise::local::{LocalDb, SqliteQueue, queues};
 use shardwise::producer::PutEntry;
 use shardwise_local::esm::{OnFailure, WorkerOptions};
 use shardwise_local::function::{FunctionSpec, Invoker, ProcessPool};
@@ -17,6 +16,7 @@ use shardwise_local::settings::MappingSettings;
 use shardwise_local::stats::MappingStats;
 use shardwise_local::stream::{EmbeddedStream, Source};
 use shardwise_local::view::ViewMode;
+use shardwise_sqlite::{LocalDb, SqliteQueue, queues};
 
 pub const TEST_FUNCTION: &str = env!("CARGO_BIN_EXE_shardwise-test-function");
 

@@ -11,7 +11,7 @@ use std::future::Future;
 use futures::StreamExt;
 use tokio::time::Instant;
 
-use crate::retry::RetryPolicy;
+use crate::retry::ExponentialBackoff;
 
 use super::store::StoreError;
 
@@ -31,8 +31,8 @@ pub(crate) type CallResult<R> = Result<Vec<Verdict<R>>, StoreError>;
 
 /// Bounds on a run of calls.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Budget<'a, P> {
-    pub retry: &'a P,
+pub(crate) struct Budget<'a> {
+    pub retry: &'a ExponentialBackoff,
     /// No call starts, and no call is awaited, past this.
     pub cutoff: Option<Instant>,
     pub max_entries: usize,
@@ -43,7 +43,7 @@ pub(crate) struct Budget<'a, P> {
 /// per entry, same positions, or fails as a whole. Returns one result per item, same positions.
 pub(crate) async fn in_rounds<'i, T, R, F, Fut>(
     items: &'i [T],
-    budget: Budget<'_, impl RetryPolicy>,
+    budget: Budget<'_>,
     call: F,
 ) -> Vec<Result<R, StoreError>>
 where
@@ -188,7 +188,7 @@ mod tests {
         }
     }
 
-    fn budget(p: &ExponentialBackoff, max_entries: usize) -> Budget<'_, ExponentialBackoff> {
+    fn budget(p: &ExponentialBackoff, max_entries: usize) -> Budget<'_> {
         Budget {
             retry: p,
             cutoff: None,

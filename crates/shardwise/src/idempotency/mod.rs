@@ -10,18 +10,14 @@
 //! 0.01, where a per-record protocol (Powertools: conditional put, then update) makes 2 and 1.03.
 //!
 //! ```no_run
-//! # async fn wire(
-//! #     handler: impl for<'d> shardwise::RecordHandler<'d>,
-//! #     sdk: aws_config::SdkConfig,
-//! #     idempotency_table: String,
-//! #     dead_letter_queue_url: String,
-//! # ) {
-//! use shardwise::idempotency::{DynamoDbIdempotencyStore, Idempotency, JsonFieldKey, PayloadCheck};
-//! use shardwise::{Processor, SqsDeadLetterSink};
+//! # fn wire(handler: impl for<'d> shardwise::RecordHandler<'d>) {
+//! use shardwise::idempotency::{Idempotency, InMemoryIdempotencyStore, JsonFieldKey, PayloadCheck};
+//! use shardwise::{InMemoryDeadLetterSink, Processor};
 //!
-//! // In the function's main.rs: the table name comes from IDEMPOTENCY_TABLE.
-//! let store = DynamoDbIdempotencyStore::new(aws_sdk_dynamodb::Client::new(&sdk), idempotency_table);
-//! let dead_letters = SqsDeadLetterSink::new(aws_sdk_sqs::Client::new(&sdk), dead_letter_queue_url);
+//! // In a function's main.rs these are `shardwise_aws::DynamoDbIdempotencyStore` on the table
+//! // named by IDEMPOTENCY_TABLE and `shardwise_aws::SqsDeadLetterSink`: the same traits.
+//! let store = InMemoryIdempotencyStore::new();
+//! let dead_letters = InMemoryDeadLetterSink::new();
 //! let processor = Processor::per_record(handler, dead_letters).gate(
 //!     Idempotency::new(store) // keyed by stream + shard + sequence number (+ sub-sequence)
 //!         .key(JsonFieldKey::new("transaction_id")) // or by a payload field
@@ -120,7 +116,6 @@
 //! at its invocation's deadline.
 
 mod batch;
-pub mod dynamodb;
 pub mod key;
 pub mod memory;
 pub mod store;
@@ -138,7 +133,6 @@ use crate::record::Record;
 use crate::retry::{ExponentialBackoff, Jitter};
 
 use batch::{Budget, Verdict, in_rounds};
-pub use dynamodb::DynamoDbIdempotencyStore;
 pub use key::{JsonFieldKey, KeyError, KeyScope, KeyStrategy, RecordKey};
 pub use memory::{FaultyStore, InMemoryIdempotencyStore, StoreFault, StoreOp};
 pub use store::{
@@ -289,11 +283,7 @@ where
         Some(Instant::now() + (remaining - keep))
     }
 
-    fn budget(
-        &self,
-        cutoff: Option<Instant>,
-        max_entries: usize,
-    ) -> Budget<'_, ExponentialBackoff> {
+    fn budget(&self, cutoff: Option<Instant>, max_entries: usize) -> Budget<'_> {
         Budget {
             retry: &self.settings.retry,
             cutoff,

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use aws_sdk_dynamodb::types::AttributeValue;
-use shardwise::local::{Condition, LocalDb, LocalError, PutResult, SqliteTable};
+use shardwise_sqlite::{Condition, LocalDb, LocalError, PutResult, SqliteTable};
 
 use super::{CardState, CardStateStore, DynamoDbCardStateStore, StateError, attr, parse_state};
 

@@ -24,14 +24,12 @@ use std::sync::Arc;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use serde::Deserialize;
-use shardwise::clock::SystemClock;
 use shardwise::idempotency::key::namespaced_key;
-use shardwise::idempotency::{DynamoDbIdempotencyStore, Idempotency, RecordKey};
-use shardwise::local::{
+use shardwise::idempotency::{Idempotency, RecordKey};
+use shardwise::{HandlerError, Json, Processor, ProcessorConfig, Record, RecordHandler};
+use shardwise_aws::{DynamoDbIdempotencyStore, SqsDeadLetterSink};
+use shardwise_sqlite::{
     Condition, LocalDb, PutResult, SqliteIdempotencyStore, SqliteQueue, SqliteTable, queues,
-};
-use shardwise::{
-    HandlerError, Json, Processor, ProcessorConfig, Record, RecordHandler, SqsDeadLetterSink,
 };
 
 /// The local table the effects go to.
@@ -174,6 +172,7 @@ pub async fn run() -> Result<(), lambda_runtime::Error> {
     let function_name = var("AWS_LAMBDA_FUNCTION_NAME")?;
     let config = ProcessorConfig {
         function_name: function_name.clone(),
+        metrics_namespace: "ShardwiseTest".to_owned(),
         ..ProcessorConfig::default()
     };
     let attempts = std::env::var("TEST_FN_ATTEMPTS").ok();
@@ -196,14 +195,14 @@ pub async fn run() -> Result<(), lambda_runtime::Error> {
         let dead_letters = SqliteQueue::new(db.clone(), queues::DEAD_LETTERS);
         if sabotage {
             let processor = Processor::per_record(handler, dead_letters).config(config);
-            return shardwise::runtime::run(processor, SystemClock, "ShardwiseTest").await;
+            return shardwise::run(processor).await;
         }
         let processor = Processor::per_record(handler, dead_letters)
             .config(config)
             .gate(Idempotency::new(SqliteIdempotencyStore::new(db)));
-        return shardwise::runtime::run(processor, SystemClock, "ShardwiseTest").await;
+        return shardwise::run(processor).await;
     }
-    let sdk = shardwise::aws::sdk_config(None).await;
+    let sdk = shardwise_aws::sdk_config(None).await;
     let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
     let handler = ChaosHandler {
         effects: DynamoDbEffects {
@@ -227,5 +226,5 @@ pub async fn run() -> Result<(), lambda_runtime::Error> {
         dynamodb,
         var("IDEMPOTENCY_TABLE")?,
     )));
-    shardwise::runtime::run(processor, SystemClock, "ShardwiseTest").await
+    shardwise::run(processor).await
 }

@@ -138,10 +138,10 @@ async fn handle(event: LambdaEvent<Value>) -> Result<Value, Error> {
 mod effects {
     use std::sync::Arc;
 
-    use shardwise::clock::SystemClock;
+    use shardwise::ProcessorConfig;
     use shardwise::idempotency::Idempotency;
-    use shardwise::local::{LocalDb, SqliteIdempotencyStore, SqliteQueue, queues};
     use shardwise::{HandlerError, Processor, Record, RecordHandler};
+    use shardwise_sqlite::{LocalDb, SqliteIdempotencyStore, SqliteQueue, queues};
 
     pub struct AppendEffect {
         pub path: String,
@@ -170,8 +170,12 @@ mod effects {
             AppendEffect { path: effects },
             SqliteQueue::new(db.clone(), queues::DEAD_LETTERS),
         )
-        .gate(Idempotency::new(SqliteIdempotencyStore::new(db)));
-        shardwise::runtime::run(processor, SystemClock, "ShardwiseTest").await
+        .gate(Idempotency::new(SqliteIdempotencyStore::new(db)))
+        .config(ProcessorConfig {
+            metrics_namespace: "ShardwiseTest".to_owned(),
+            ..ProcessorConfig::default()
+        });
+        shardwise::run(processor).await
     }
 }
 

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use rusqlite::params;
 
-use super::{LocalDb, LocalError, now_ms};
-use crate::dead_letter::{DeadLetterSink, EntryFailure, SinkEntry, SinkError};
+use crate::{LocalDb, LocalError, now_ms};
+use shardwise::dead_letter::{DeadLetterSink, EntryFailure, SinkEntry, SinkError};
 
 /// One message as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]

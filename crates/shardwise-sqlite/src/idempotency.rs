@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use rusqlite::{OptionalExtension, params};
 
-use super::LocalDb;
-use crate::idempotency::{
+use crate::LocalDb;
+use shardwise::idempotency::{
     ClaimOutcome, ClaimVerdict, Fetched, IdempotencyStore, RecordStatus, StoreError, StoreWrite,
     StoredRecord,
 };
@@ -26,7 +26,7 @@ impl SqliteIdempotencyStore {
 const IN_PROGRESS: &str = "INPROGRESS";
 const COMPLETED: &str = "COMPLETED";
 
-fn unavailable(error: super::LocalError) -> StoreError {
+fn unavailable(error: crate::LocalError) -> StoreError {
     // A locked file past the busy timeout or an I/O error may pass: the gate retries.
     StoreError::Unavailable(error.to_string())
 }

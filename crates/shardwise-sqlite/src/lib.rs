@@ -1,5 +1,7 @@
 //! Embedded backends: the tables and queues of a Shardwise function in one SQLite file, for the
 //! local runner (`shardwise run`, `make demo`) where there is no AWS account and no emulator.
+//! A crate of its own so that the Lambda builds carry no SQLite: functions depend on it through
+//! their `local` feature only.
 //!
 //! Each backend implements the *same* trait as its AWS counterpart, so a function's `main.rs`
 //! swaps `DynamoDbIdempotencyStore` for [`SqliteIdempotencyStore`], `SqsDeadLetterSink` for
@@ -7,9 +9,8 @@
 //!
 //! | AWS                          | here                                  | trait |
 //! |------------------------------|---------------------------------------|-------|
-//! | DynamoDB idempotency table   | [`SqliteIdempotencyStore`]            | [`crate::idempotency::IdempotencyStore`] |
-//! | SQS queue (dead letters, alerts, on-failure) | [`SqliteQueue`]       | [`crate::dead_letter::DeadLetterSink`] |
-//! | DynamoDB canary table        | [`SqliteCanaryAckStore`]              | [`crate::transaction::CanaryAckStore`] |
+//! | DynamoDB idempotency table   | [`SqliteIdempotencyStore`]            | `shardwise::idempotency::IdempotencyStore` |
+//! | SQS queue (dead letters, alerts, on-failure) | [`SqliteQueue`]       | `shardwise::dead_letter::DeadLetterSink` |
 //! | any other DynamoDB table     | [`SqliteTable`]: items as attribute maps, conditional puts | (functions adapt their own store traits to it) |
 //!
 //! # Several processes, one file
@@ -24,8 +25,7 @@
 //! [`Backend::from_env`] reads `SHARDWISE_BACKEND` (`aws`, the default, or `local`) and, for
 //! `local`, requires `SHARDWISE_LOCAL_DB`. A function never drops to SQLite because AWS is
 //! unreachable: in Lambda that would acknowledge records into a file that disappears with the
-//! sandbox. This module only exists with the crate feature `local`, which the Lambda builds
-//! leave off (no SQLite in the deployed bootstrap).
+//! sandbox.
 
 mod idempotency;
 mod queue;
@@ -37,13 +37,11 @@ use std::time::Duration;
 
 use rusqlite::Connection;
 
-use crate::config::{ConfigError, Env, EnvSource};
+use shardwise::config::{ConfigError, Env, EnvSource};
 
 pub use idempotency::SqliteIdempotencyStore;
 pub use queue::{QueueMessage, SqliteQueue};
-pub use table::{
-    Condition, PutResult, SqliteCanaryAckStore, SqliteTable, item_from_json, item_to_json,
-};
+pub use table::{Condition, PutResult, SqliteTable, item_from_json, item_to_json};
 
 /// How long a writer waits for another process's transaction before giving up.
 pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -166,7 +164,10 @@ impl LocalDb {
         &self,
         f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>,
     ) -> Result<T, LocalError> {
-        let mut conn = crate::dead_letter::lock(&self.conn);
+        let mut conn = self
+            .conn
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         f(&mut conn).map_err(|source| LocalError::Sqlite {
             path: self.path.display().to_string(),
             source,

@@ -12,9 +12,9 @@ use shardwise::clock::{Clock, ManualClock, SystemClock};
 use shardwise::gate::RecordGate;
 use shardwise::idempotency::key::namespaced_key;
 use shardwise::idempotency::{
-    ClaimOutcome, DynamoDbIdempotencyStore, FaultyStore, Fetched, Idempotency, IdempotencyStore,
-    InMemoryIdempotencyStore, JsonFieldKey, PayloadCheck, RecordKey, RecordStatus, StoreError,
-    StoreFault, StoreOp, StoreWrite, StoredRecord,
+    ClaimOutcome, FaultyStore, Fetched, Idempotency, IdempotencyStore, InMemoryIdempotencyStore,
+    JsonFieldKey, PayloadCheck, RecordKey, RecordStatus, StoreError, StoreFault, StoreOp,
+    StoreWrite, StoredRecord,
 };
 use shardwise::processor::{BatchReport, Outcome, PerRecord};
 use shardwise::retry::{ExponentialBackoff, Jitter};
@@ -25,6 +25,7 @@ use shardwise::{
     BatchHandler, HandlerError, InMemoryDeadLetterSink, Invocation, Json, Processor,
     ProcessorConfig, Record, RecordHandler, TypedRecord,
 };
+use shardwise_aws::DynamoDbIdempotencyStore;
 use tokio::sync::Notify;
 
 const FUNCTION: &str = "orders";
@@ -97,8 +98,7 @@ impl<'d> RecordHandler<'d> for Ledger {
 }
 
 type Store<S> = Arc<FaultyStore<S>>;
-type TestProcessor<G> =
-    Processor<PerRecord<Ledger>, InMemoryDeadLetterSink, G, Arc<ManualClock>, ExponentialBackoff>;
+type TestProcessor<G> = Processor<PerRecord<Ledger>, InMemoryDeadLetterSink, G>;
 
 /// Store retries that are quick and predictable: 3 retries, 10/20/40 ms.
 fn quick_retry() -> ExponentialBackoff {
@@ -129,6 +129,7 @@ fn processor<G: RecordGate>(gate: G, clock: &Arc<ManualClock>) -> TestProcessor<
             function_name: FUNCTION.into(),
             max_concurrency: 4,
             deadline_margin: Duration::from_millis(100),
+            ..ProcessorConfig::default()
         })
         .clock(clock.clone())
         .retry(ExponentialBackoff::none())

@@ -5,10 +5,8 @@
 use std::collections::HashMap;
 
 use aws_sdk_kinesis::types::ShardIteratorType;
-use shardwise::producer::{
-    KinesisStreamWriter, Producer, ProducerRecord, PutOutcome, StreamTarget,
-    aggregate_by_partition_key,
-};
+use shardwise::producer::{Producer, ProducerRecord, PutOutcome, aggregate_by_partition_key};
+use shardwise_aws::{KinesisStreamWriter, StreamTarget};
 use shardwise_testkit::{moto_config, unique_name};
 
 async fn create_stream(client: &aws_sdk_kinesis::Client, shards: i32) -> String {

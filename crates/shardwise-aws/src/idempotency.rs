@@ -1,11 +1,11 @@
-//! The idempotency table in DynamoDB.
+//! The idempotency table in DynamoDB: `shardwise::idempotency::IdempotencyStore` over the SDK.
 //!
 //! # Table
 //! The function's binary reads the table name from `IDEMPOTENCY_TABLE`. One item per key:
 //!
 //! | attribute | type | meaning |
 //! |---|---|---|
-//! | `id` | S, partition key | `{function}#{key}` (see [`super::key`]) |
+//! | `id` | S, partition key | `{function}#{key}` (see `shardwise::idempotency::key`) |
 //! | `status` | S | `COMPLETED` or `IN_PROGRESS` |
 //! | `expiration` | N, TTL | epoch seconds after which the item means nothing: the completion's time to live, or the lock's expiry (the invocation's deadline) |
 //! | `payload_hash` | S, optional | SHA-256 of the payload, hex, when payloads are checked |
@@ -34,10 +34,12 @@ use aws_sdk_dynamodb::types::{
     TransactWriteItem, WriteRequest,
 };
 
-use super::store::{
+use shardwise::idempotency::{
     ClaimOutcome, ClaimVerdict, Fetched, IdempotencyStore, RecordStatus, StoreError, StoreLimits,
     StoreWrite, StoredRecord,
 };
+
+use crate::retryable::{self, Fault};
 
 /// The partition key attribute.
 pub const ID: &str = "id";
@@ -111,31 +113,16 @@ fn rejected(error: impl std::fmt::Display) -> StoreError {
     StoreError::Rejected(error.to_string())
 }
 
-/// Sort an SDK error into retryable or not, once.
+/// Sort an SDK error into the store's error kinds, by the one list in [`crate::retryable`].
 fn classify<E>(error: SdkError<E, HttpResponse>) -> StoreError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
     let text = aws_sdk_dynamodb::error::DisplayErrorContext(&error).to_string();
-    match &error {
-        SdkError::ServiceError(service) => match service.err().code() {
-            Some(
-                "ThrottlingException"
-                | "ProvisionedThroughputExceededException"
-                | "RequestLimitExceeded"
-                | "TransactionInProgressException",
-            ) => StoreError::Throttled(text),
-            Some("InternalServerError" | "ServiceUnavailable" | "InternalFailure") => {
-                StoreError::Unavailable(text)
-            }
-            // An answer without a known code: the status says whose fault it is.
-            _ if service.raw().status().as_u16() == 429 => StoreError::Throttled(text),
-            _ if service.raw().status().is_server_error() => StoreError::Unavailable(text),
-            _ => StoreError::Rejected(text),
-        },
-        SdkError::ConstructionFailure(_) => StoreError::Rejected(text),
-        // Timeouts, connection failures, unparseable responses.
-        _ => StoreError::Unavailable(text),
+    match retryable::classify(&error) {
+        Fault::Throttled => StoreError::Throttled(text),
+        Fault::Unavailable => StoreError::Unavailable(text),
+        Fault::Rejected => StoreError::Rejected(text),
     }
 }
 

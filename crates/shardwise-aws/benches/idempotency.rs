@@ -26,14 +26,16 @@ use aws_smithy_runtime_api::client::orchestrator::Metadata;
 use shardwise::clock::{Clock, SystemClock};
 use shardwise::gate::RecordGate;
 use shardwise::idempotency::{
-    DynamoDbIdempotencyStore, Idempotency, IdempotencyStore, InMemoryIdempotencyStore,
-    JsonFieldKey, KeyStrategy, RecordKey, StoreOp,
+    Idempotency, IdempotencyStore, InMemoryIdempotencyStore, JsonFieldKey, KeyStrategy, RecordKey,
+    StoreOp,
 };
-use shardwise::testing::{card_transaction, event_json, plain, sequence_number};
+use shardwise::testing::{event_json, plain, sequence_number};
 use shardwise::{
     HandlerError, InMemoryDeadLetterSink, Invocation, Processor, ProcessorConfig, Record,
     RecordHandler,
 };
+use shardwise_aws::DynamoDbIdempotencyStore;
+use shardwise_cards::generator::card_transaction;
 
 /// Counts every request the SDK sends, by operation.
 #[derive(Debug, Clone, Default)]
@@ -155,6 +157,7 @@ fn config() -> ProcessorConfig {
         function_name: "bench".into(),
         max_concurrency: 16,
         deadline_margin: std::time::Duration::from_millis(1000),
+        ..ProcessorConfig::default()
     }
 }
 

@@ -8,8 +8,8 @@ use shardwise::retry::{ExponentialBackoff, Jitter};
 use shardwise::testing::{TEST_STREAM_ARN, event_json, plain, raw_data, sequence_number};
 use shardwise::{
     HandlerError, Invocation, Json, Processor, ProcessorConfig, Record, RecordHandler,
-    SqsDeadLetterSink,
 };
+use shardwise_aws::SqsDeadLetterSink;
 use shardwise_testkit::{create_queue, drain_queue, moto_config};
 
 #[derive(Deserialize)]

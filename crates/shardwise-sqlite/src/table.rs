@@ -10,8 +10,7 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use rusqlite::{OptionalExtension, params};
 use serde_json::{Map, Value};
 
-use super::{LocalDb, LocalError};
-use crate::transaction::{CanaryAck, CanaryAckError, CanaryAckStore};
+use crate::{LocalDb, LocalError};
 
 /// An item as the SDK holds it.
 pub type Item = HashMap<String, AttributeValue>;
@@ -275,62 +274,6 @@ fn attribute_from_json(value: &Value) -> Result<AttributeValue, String> {
         "M" => AttributeValue::M(item_from_json(inner)?),
         other => return Err(format!("unknown attribute type {other}")),
     })
-}
-
-/// Canary acknowledgements in the local table `canary`, keyed `{canary_id}#{consumer}`; the
-/// first acknowledgement stands, as with the conditional put in DynamoDB.
-#[derive(Debug, Clone)]
-pub struct SqliteCanaryAckStore {
-    table: SqliteTable,
-}
-
-impl SqliteCanaryAckStore {
-    pub fn new(db: Arc<LocalDb>) -> Self {
-        Self {
-            table: SqliteTable::new(db, "canary"),
-        }
-    }
-
-    pub fn table(&self) -> &SqliteTable {
-        &self.table
-    }
-}
-
-impl CanaryAckStore for SqliteCanaryAckStore {
-    async fn acknowledge(&self, acks: &[CanaryAck]) -> Result<(), CanaryAckError> {
-        use crate::transaction::canary_table as t;
-        for ack in acks {
-            let item = HashMap::from([
-                (
-                    t::CANARY_ID.to_owned(),
-                    AttributeValue::S(ack.canary_id.clone()),
-                ),
-                (
-                    t::CONSUMER.to_owned(),
-                    AttributeValue::S(ack.consumer.clone()),
-                ),
-                (
-                    t::SENT_AT.to_owned(),
-                    AttributeValue::N(ack.sent_at.to_string()),
-                ),
-                (
-                    t::ACKED_AT.to_owned(),
-                    AttributeValue::N(ack.acked_at.to_string()),
-                ),
-            ]);
-            self.table
-                .put(
-                    &format!("{}#{}", ack.canary_id, ack.consumer),
-                    &item,
-                    &Condition::NotExists,
-                )
-                .map_err(|e| CanaryAckError {
-                    retryable: true,
-                    message: e.to_string(),
-                })?;
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,203 @@
+//! The card transactions the tools, the demo, the benchmarks and the tests send.
+//!
+//! One generator so that what the local runner's `loadgen` offers, what the chaos tests check
+//! and what the benchmarks decode are the same shape: [`TransactionGenerator`] for realistic
+//! traffic (cards with habits, fraud patterns, poison), [`card_transaction`] for a fixed ~1 KiB
+//! record with nested objects, the size a real acquirer payload has.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+use shardwise::producer::ProducerRecord;
+
+/// What [`TransactionGenerator`] produces.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GeneratorOptions {
+    /// Distinct cards (partition keys). Each card shops near its home and around its usual
+    /// amount, so ordinary traffic raises (almost) no alerts.
+    pub cards: u32,
+    /// Share of records that are poison (not JSON, wrong shape).
+    pub poison_share: f64,
+    /// Share of records that start a fraud pattern (velocity burst, impossible travel, amount
+    /// spike, blocklisted merchant).
+    pub fraud_share: f64,
+    /// Merchant of the blocklist pattern.
+    pub blocked_merchant: String,
+    pub seed: u64,
+}
+
+/// A ~1 KiB JSON card transaction, the payload shape the benchmarks and examples use
+/// (25 fields with the nested `device`, `customer`, `terminal` and `metadata` objects).
+pub fn card_transaction(n: u64) -> String {
+    format!(
+        concat!(
+            "{{\"transaction_id\":\"tx-{n:012}\",\"card_id\":\"card-{card:06}\",",
+            "\"merchant_id\":\"m-{m:05}\",\"merchant_category\":\"5411\",\"amount\":{amt}.{cents:02},",
+            "\"currency\":\"EUR\",\"country\":\"DE\",\"lat\":52.52,\"lon\":13.405,",
+            "\"timestamp\":\"2026-11-26T10:00:{s:02}Z\",\"channel\":\"pos\",",
+            "\"device\":{{\"id\":\"dev-{n:08}\",\"ip\":\"203.0.113.{ip}\",\"user_agent\":",
+            "\"Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0 Safari/537.36\"}},",
+            "\"customer\":{{\"id\":\"cust-{card:06}\",\"segment\":\"retail\",\"risk_tier\":\"low\",",
+            "\"since\":\"2019-04-01\",\"email_hash\":\"5e884898da28047151d0e56f8dc6292773603d0d6aabbdd62a11ef721d1542d8\"}},",
+            "\"terminal\":{{\"id\":\"term-{m:05}-01\",\"type\":\"chip\",\"entry_mode\":\"contactless\",",
+            "\"address\":\"Unter den Linden 1, 10117 Berlin\"}},",
+            "\"metadata\":{{\"source\":\"acquirer-gateway\",\"schema\":\"card-tx/v3\",\"trace\":\"{n:032x}\",",
+            "\"tags\":[\"grocery\",\"domestic\",\"chip\",\"low-value\"],\"notes\":\"",
+            "synthetic benchmark record padded to about one kibibyte of JSON, as real acquirer payloads are\"}}}}"
+        ),
+        n = n,
+        card = n % 5000,
+        m = n % 997,
+        amt = 5 + n % 200,
+        cents = n % 100,
+        s = n % 60,
+        ip = n % 250,
+    )
+}
+
+const MCCS: [&str; 8] = [
+    "5411", "5812", "5999", "4111", "5541", "5732", "7011", "6011",
+];
+const PLACES: [(&str, f64, f64); 6] = [
+    ("US", 40.71, -74.00),
+    ("GB", 51.50, -0.12),
+    ("DE", 52.52, 13.40),
+    ("JP", 35.68, 139.69),
+    ("BR", -23.55, -46.63),
+    ("AU", -33.86, 151.20),
+];
+
+/// Synthetic card transactions, deterministic for a seed: ordinary traffic, fraud patterns and
+/// poison records, as `shardwise loadgen`, the demo and the chaos tests send them.
+#[derive(Debug)]
+pub struct TransactionGenerator {
+    rng: StdRng,
+    options: GeneratorOptions,
+    next_id: u64,
+    /// Records of started fraud patterns still to send.
+    queued: std::collections::VecDeque<ProducerRecord>,
+    pub poison: u64,
+    pub fraud_patterns: u64,
+}
+
+impl TransactionGenerator {
+    pub fn new(options: GeneratorOptions) -> Self {
+        Self {
+            rng: StdRng::seed_from_u64(options.seed),
+            options,
+            next_id: 0,
+            queued: std::collections::VecDeque::new(),
+            poison: 0,
+            fraud_patterns: 0,
+        }
+    }
+
+    fn card(&mut self) -> (String, u32) {
+        let n = self.rng.random_range(0..self.options.cards.max(1));
+        (format!("card-{n:06}"), n)
+    }
+
+    /// A card's home (index into the places) and usual amount.
+    fn habits(card: u32) -> (usize, f64) {
+        let mix = card.wrapping_mul(2_654_435_761);
+        (
+            (mix >> 8) as usize % PLACES.len(),
+            5.0 + f64::from(mix % 150),
+        )
+    }
+
+    fn transaction(
+        &mut self,
+        card: &str,
+        at_ms: i64,
+        place: usize,
+        amount: f64,
+        merchant: Option<&str>,
+    ) -> ProducerRecord {
+        self.next_id += 1;
+        let (country, lat, lon) = PLACES[place % PLACES.len()];
+        let channel = ["pos", "ecom", "atm"][self.rng.random_range(0..3)];
+        let mcc = MCCS[self.rng.random_range(0..MCCS.len())];
+        let merchant = merchant.map_or_else(
+            || format!("m-{:04}", self.rng.random_range(0..500)),
+            str::to_owned,
+        );
+        let body = json!({
+            "transaction_id": format!("tx-{}-{:010}", self.options.seed, self.next_id),
+            "card_id": card,
+            "merchant_id": merchant,
+            "merchant_category": mcc,
+            "amount": (amount * 100.0).round() / 100.0,
+            "currency": "USD",
+            "country": country,
+            "lat": lat + self.rng.random_range(-0.05..0.05),
+            "lon": lon + self.rng.random_range(-0.05..0.05),
+            "timestamp": shardwise::time::Timestamp::from_epoch_millis(at_ms).to_rfc3339(),
+            "channel": channel,
+        });
+        ProducerRecord::new(card, body.to_string().into_bytes())
+    }
+
+    /// The next record to send at `at_ms`.
+    pub fn next_record(&mut self, at_ms: i64) -> ProducerRecord {
+        if let Some(record) = self.queued.pop_front() {
+            return record;
+        }
+        let roll: f64 = self.rng.random();
+        if roll < self.options.poison_share {
+            self.poison += 1;
+            let (card, _) = self.card();
+            let data: Vec<u8> = match self.rng.random_range(0..3) {
+                0 => b"\xff\xfe not json at all".to_vec(),
+                1 => br#"{"transaction_id": 42, "card_id": null}"#.to_vec(),
+                _ => br#"{"truncated": "#.to_vec(),
+            };
+            return ProducerRecord::new(card, data);
+        }
+        if roll < self.options.poison_share + self.options.fraud_share {
+            self.fraud_patterns += 1;
+            let (card, n) = self.card();
+            let (home, usual) = Self::habits(n);
+            match self.rng.random_range(0..4) {
+                // Card testing: a burst of transactions within seconds, then a large one
+                // (velocity and amount anomaly together pass the alert threshold).
+                0 => {
+                    for i in 0..12 {
+                        let r = self.transaction(&card, at_ms + i * 500, home, usual, None);
+                        self.queued.push_back(r);
+                    }
+                    let big = self.transaction(&card, at_ms + 6_500, home, usual * 40.0, None);
+                    self.queued.push_back(big);
+                }
+                // Impossible travel: at home, then on another continent ten minutes later.
+                1 => {
+                    let a = self.transaction(&card, at_ms, home, usual, None);
+                    let b = self.transaction(&card, at_ms + 600_000, home + 3, usual, None);
+                    self.queued.extend([a, b]);
+                }
+                // Amount anomaly: a quick history of usual amounts, then a spike.
+                2 => {
+                    for i in 0..8 {
+                        let r = self.transaction(&card, at_ms + i * 20_000, home, usual, None);
+                        self.queued.push_back(r);
+                    }
+                    let spike = self.transaction(&card, at_ms + 170_000, home, 9_500.0, None);
+                    self.queued.push_back(spike);
+                }
+                // Known signature: a blocklisted merchant.
+                _ => {
+                    let merchant = self.options.blocked_merchant.clone();
+                    let r = self.transaction(&card, at_ms, home, usual, Some(&merchant));
+                    self.queued.push_back(r);
+                }
+            }
+            if let Some(record) = self.queued.pop_front() {
+                return record;
+            }
+        }
+        let (card, n) = self.card();
+        let (home, usual) = Self::habits(n);
+        let amount = usual * self.rng.random_range(0.8..1.25);
+        self.transaction(&card, at_ms, home, amount, None)
+    }
+}
