@@ -15,7 +15,7 @@ help:
 	@echo "make demo      the local pipeline: embedded stream, fraud + aggregation, generated load"
 	@echo "make test      all tests and checks (what CI runs)"
 	@echo "make lint      cargo fmt --check + clippy -D warnings"
-	@echo "make bench     hot-path and idempotency benchmarks (prints figures)"
+	@echo "make bench     real-bootstrap, hot-path and idempotency benchmarks (prints figures)"
 	@echo "make watch | invoke FN=… EVENT=…   cargo lambda watch / invoke"
 	@echo "make build | validate | deploy ENV=… | logs FN=… | delete | redrive QUEUE_URL=…   SAM"
 	@echo "make proptest-long | chaos | chaos-long | fuzz   the long proof runs (docs/proof.md)"
@@ -28,6 +28,8 @@ lint:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 # The idempotency bench counts DynamoDB calls against moto, so it runs under scripts/moto.sh.
+# The bootstrap bench runs real bootstrap binaries against the local runner's Runtime API.
 bench: tools
+	$(CARGO) bench -p shardwise-bench --bench bootstrap
 	$(CARGO) bench -p shardwise --bench pipeline
-	PATH="$(CURDIR)/.venv/bin:$$PATH" scripts/moto.sh run $(CARGO) bench -p shardwise --bench idempotency
+	PATH="$(CURDIR)/.venv/bin:$$PATH" scripts/moto.sh run $(CARGO) bench -p shardwise-aws --bench idempotency

@@ -67,6 +67,13 @@ impl StreamWriter for KinesisStreamWriter {
                 Some(code) => EntryResult::Failed {
                     error_code: code.to_owned(),
                     message: result.error_message().unwrap_or_default().to_owned(),
+                    // Kinesis names ProvisionedThroughputExceededException, InternalFailure and
+                    // the KMS codes per record; the one list decides which pass on a retry.
+                    class: if retryable::classify_code(Some(code), 200).is_retryable() {
+                        ErrorClass::Retryable
+                    } else {
+                        ErrorClass::Permanent
+                    },
                 },
                 None => EntryResult::Put {
                     shard_id: result.shard_id().unwrap_or_default().to_owned(),

@@ -27,13 +27,13 @@ impl DeadLetterSink for SqsDeadLetterSink {
                 .id(&entry.id)
                 .message_body(&entry.body)
                 .build()
-                .map_err(|e| SinkError(e.to_string()))?;
+                .map_err(SinkError::new)?;
             request = request.entries(built);
         }
         let output = request
             .send()
             .await
-            .map_err(|e| SinkError(aws_sdk_sqs::error::DisplayErrorContext(e).to_string()))?;
+            .map_err(|e| SinkError::new(SqsCallError(e)))?;
         Ok(output
             .failed()
             .iter()
@@ -43,5 +43,27 @@ impl DeadLetterSink for SqsDeadLetterSink {
                 message: format!("{}: {}", f.code(), f.message().unwrap_or_default()),
             })
             .collect())
+    }
+}
+
+type SendBatchError = aws_sdk_sqs::error::SdkError<
+    aws_sdk_sqs::operation::send_message_batch::SendMessageBatchError,
+    aws_sdk_sqs::config::http::HttpResponse,
+>;
+
+/// The SDK's error, shown with its whole chain of causes (the SDK's own `Display` says only
+/// "dispatch failure" or "service error").
+#[derive(Debug)]
+struct SqsCallError(SendBatchError);
+
+impl std::fmt::Display for SqsCallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", aws_sdk_sqs::error::DisplayErrorContext(&self.0))
+    }
+}
+
+impl std::error::Error for SqsCallError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
     }
 }

@@ -81,6 +81,27 @@ struct InstanceApi {
     queue: Mutex<mpsc::Receiver<Invocation>>,
     inflight: std::sync::Mutex<HashMap<String, oneshot::Sender<InvokeOutcome>>>,
     init_errors: AtomicU64,
+    process: std::sync::Mutex<ProcessStart>,
+}
+
+/// The current process of an instance: its pid, when it was spawned, when it first asked for an
+/// invocation. Only read by [`ProcessPool::process`] (benchmarks read `/proc/<pid>` counters and
+/// the start-up time); the pool itself never needs it.
+#[derive(Debug, Default)]
+struct ProcessStart {
+    pid: Option<u32>,
+    spawned: Option<std::time::Instant>,
+    first_next: Option<std::time::Instant>,
+}
+
+/// What [`ProcessPool::process`] tells about an instance's current process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InstanceProcess {
+    pub pid: u32,
+    /// From just before `spawn` to the process's first `GET /invocation/next` reaching the
+    /// server: exec, the function's init (config, clients) and its first connection. `None`
+    /// until it asks.
+    pub start_to_first_next: Option<Duration>,
 }
 
 impl std::fmt::Debug for InstanceApi {
@@ -137,6 +158,12 @@ async fn serve(
         return Ok(text(StatusCode::NOT_FOUND, "unknown path"));
     };
     if rest == "invocation/next" {
+        {
+            let mut process = lock(&api.process);
+            if process.first_next.is_none() {
+                process.first_next = Some(std::time::Instant::now());
+            }
+        }
         // Long poll, as Lambda's: the process waits here between invocations.
         let next = api.queue.lock().await.recv().await;
         let Some(invocation) = next else {
@@ -267,6 +294,7 @@ impl ProcessPool {
                 queue: Mutex::new(receiver),
                 inflight: std::sync::Mutex::new(HashMap::new()),
                 init_errors: AtomicU64::new(0),
+                process: std::sync::Mutex::new(ProcessStart::default()),
             });
             let server_api = api.clone();
             let server = tokio::spawn(async move {
@@ -317,6 +345,18 @@ impl ProcessPool {
     /// Process starts so far (initial starts plus restarts).
     pub fn starts(&self) -> u64 {
         self.starts.load(Ordering::Relaxed)
+    }
+
+    /// The current process of instance `index` (`0..instances`); `None` before it is spawned.
+    pub fn process(&self, index: usize) -> Option<InstanceProcess> {
+        let process = lock(&self.instances.get(index)?.api.process);
+        Some(InstanceProcess {
+            pid: process.pid?,
+            start_to_first_next: process
+                .spawned
+                .zip(process.first_next)
+                .map(|(spawned, first)| first.saturating_duration_since(spawned)),
+        })
     }
 
     pub fn init_errors(&self) -> u64 {
@@ -441,7 +481,15 @@ async fn supervise(
             .sandbox_dir
             .as_deref()
             .map(|dir| crate::sandbox::SandboxFile::new(dir, &spec.name, index));
-        match command.spawn() {
+        // Reset before spawning, so the new process's first `/next` cannot be lost to the reset.
+        *lock(&api.process) = ProcessStart {
+            pid: None,
+            spawned: Some(std::time::Instant::now()),
+            first_next: None,
+        };
+        let spawn = command.spawn();
+        lock(&api.process).pid = spawn.as_ref().ok().and_then(tokio::process::Child::id);
+        match spawn {
             Ok(mut child) => {
                 if let (Some(sandbox), Some(pid)) = (&sandbox, child.id()) {
                     sandbox.record(pid);

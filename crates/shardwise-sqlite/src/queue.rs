@@ -89,8 +89,7 @@ impl SqliteQueue {
 impl DeadLetterSink for SqliteQueue {
     async fn send_batch(&self, entries: &[SinkEntry]) -> Result<Vec<EntryFailure>, SinkError> {
         let bodies: Vec<&str> = entries.iter().map(|e| e.body.as_str()).collect();
-        self.send_all(&bodies)
-            .map_err(|e| SinkError(e.to_string()))?;
+        self.send_all(&bodies).map_err(SinkError::new)?;
         Ok(Vec::new())
     }
 }

@@ -1,6 +1,6 @@
 //! The full decode → handle → respond path against the naive floor, in one run.
 //!
-//! `cargo bench -p shardwise --bench pipeline` prints µs/record for events of 100, 1000 and
+//! `cargo bench -p shardwise --bench pipeline` prints µs/record for events of 100, 1000, 3000 and
 //! 10000 ~1 KiB card transactions, for:
 //! - naive (the floor): `serde_json` into `aws_lambda_events`' `KinesisEvent` (base64 decoded
 //!   while deserializing) plus `serde_json::from_slice` of each payload into an owned struct
@@ -10,14 +10,23 @@
 //!   and serde skips the nested objects. Printed so the ratio against a floor that already
 //!   skips most of the payload is on record too;
 //! - shardwise: `Processor::process` with a trivial handler reading two fields, through to the
-//!   response JSON.
+//!   response JSON;
+//! - shardwise, full: the same with a payload struct that borrows every field of the
+//!   transaction (`Cow<str>`, nested objects too), the borrowed twin of the naive struct.
 //!
 //! and the peak RSS of a fresh process handling a 6 MB event. Only same-run ratios are stable on
-//! shared machines; absolute times drift ~2×, so the two paths alternate and each reports its
+//! shared machines; absolute times drift ~2×, so the paths alternate and each reports its
 //! fastest repetition.
+//!
+//! `-- --only-shardwise [--payload lean|full] [--records N]` runs Shardwise alone and prints the
+//! minor page faults per invocation. Paths that alternate share the allocator's state (glibc
+//! sizes its trim threshold from the largest block freed so far), so one payload type alone is
+//! what a function's process sees: per-invocation page faults, not cache misses, are what made
+//! the full payload grow worse than linearly with batch size.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use std::borrow::Cow;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -113,6 +122,94 @@ struct CardAmount<'a> {
     amount: f64,
 }
 
+/// The whole transaction, borrowed from the record: what a handler that reads most of it
+/// declares. `Cow` because a producer may escape any string.
+#[allow(dead_code)]
+#[derive(Deserialize)]
+struct TransactionRef<'a> {
+    #[serde(borrow)]
+    transaction_id: Cow<'a, str>,
+    #[serde(borrow)]
+    card_id: Cow<'a, str>,
+    #[serde(borrow)]
+    merchant_id: Cow<'a, str>,
+    #[serde(borrow)]
+    merchant_category: Cow<'a, str>,
+    amount: f64,
+    #[serde(borrow)]
+    currency: Cow<'a, str>,
+    #[serde(borrow)]
+    country: Cow<'a, str>,
+    lat: f64,
+    lon: f64,
+    #[serde(borrow)]
+    timestamp: Cow<'a, str>,
+    #[serde(borrow)]
+    channel: Cow<'a, str>,
+    #[serde(borrow)]
+    device: DeviceRef<'a>,
+    #[serde(borrow)]
+    customer: CustomerRef<'a>,
+    #[serde(borrow)]
+    terminal: TerminalRef<'a>,
+    #[serde(borrow)]
+    metadata: MetadataRef<'a>,
+}
+
+#[allow(dead_code)]
+#[derive(Deserialize)]
+struct DeviceRef<'a> {
+    #[serde(borrow)]
+    id: Cow<'a, str>,
+    #[serde(borrow)]
+    ip: Cow<'a, str>,
+    #[serde(borrow)]
+    user_agent: Cow<'a, str>,
+}
+
+#[allow(dead_code)]
+#[derive(Deserialize)]
+struct CustomerRef<'a> {
+    #[serde(borrow)]
+    id: Cow<'a, str>,
+    #[serde(borrow)]
+    segment: Cow<'a, str>,
+    #[serde(borrow)]
+    risk_tier: Cow<'a, str>,
+    #[serde(borrow)]
+    since: Cow<'a, str>,
+    #[serde(borrow)]
+    email_hash: Cow<'a, str>,
+}
+
+#[allow(dead_code)]
+#[derive(Deserialize)]
+struct TerminalRef<'a> {
+    #[serde(borrow)]
+    id: Cow<'a, str>,
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(borrow)]
+    entry_mode: Cow<'a, str>,
+    #[serde(borrow)]
+    address: Cow<'a, str>,
+}
+
+#[allow(dead_code)]
+#[derive(Deserialize)]
+struct MetadataRef<'a> {
+    #[serde(borrow)]
+    source: Cow<'a, str>,
+    #[serde(borrow)]
+    schema: Cow<'a, str>,
+    #[serde(borrow)]
+    trace: Cow<'a, str>,
+    #[serde(borrow)]
+    tags: Vec<Cow<'a, str>>,
+    #[serde(borrow)]
+    notes: Cow<'a, str>,
+}
+
 struct SumAmounts;
 
 impl<'d> RecordHandler<'d> for SumAmounts {
@@ -120,6 +217,21 @@ impl<'d> RecordHandler<'d> for SumAmounts {
 
     async fn handle(&self, _: &Record<'d>, tx: &Json<CardAmount<'d>>) -> Result<(), HandlerError> {
         black_box((tx.card_id.len(), tx.amount));
+        Ok(())
+    }
+}
+
+struct ReadAll;
+
+impl<'d> RecordHandler<'d> for ReadAll {
+    type Payload = Json<TransactionRef<'d>>;
+
+    async fn handle(
+        &self,
+        _: &Record<'d>,
+        tx: &Json<TransactionRef<'d>>,
+    ) -> Result<(), HandlerError> {
+        black_box((tx.card_id.len(), tx.amount, tx.metadata.tags.len()));
         Ok(())
     }
 }
@@ -151,9 +263,9 @@ fn naive<T: serde::de::DeserializeOwned>(event: &[u8], amount: impl Fn(&T) -> f6
     serde_json::to_vec(&response).unwrap().len()
 }
 
-fn shardwise_path(
+fn shardwise_path<H: for<'d> RecordHandler<'d>>(
     runtime: &tokio::runtime::Runtime,
-    processor: &Processor<shardwise::processor::PerRecord<SumAmounts>, InMemoryDeadLetterSink>,
+    processor: &Processor<shardwise::processor::PerRecord<H>, InMemoryDeadLetterSink>,
     invocation: &Invocation,
     event: &[u8],
 ) -> usize {
@@ -186,6 +298,16 @@ fn measure(
         }
     }
     best.into_iter().map(|d| d / records as u32).collect()
+}
+
+/// Minor page faults of this process so far (field 10 of `/proc/self/stat`; 0 if unreadable).
+fn minor_faults() -> u64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The command name, field 2, is parenthesised and may hold spaces: count from after it.
+    stat.rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(7))
+        .and_then(|f| f.parse().ok())
+        .unwrap_or(0)
 }
 
 fn peak_rss_child() {
@@ -224,44 +346,96 @@ fn main() {
         .build()
         .unwrap();
     let processor = Processor::per_record(SumAmounts, InMemoryDeadLetterSink::new());
+    let processor_full = Processor::per_record(ReadAll, InMemoryDeadLetterSink::new());
     let invocation = Invocation::unbounded("bench");
-    // `--only-shardwise` skips the naive path, for profiling ours alone.
-    let only_ours = std::env::args().any(|a| a == "--only-shardwise");
+    let args: Vec<String> = std::env::args().collect();
+    // `--only-shardwise` skips the naive path, for profiling ours alone, and prints the minor
+    // page faults per invocation; `--payload lean|full` runs one payload type only.
+    let only_ours = args.iter().any(|a| a == "--only-shardwise");
+    let payload = args
+        .iter()
+        .position(|a| a == "--payload")
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str);
+    // `--records N` runs one size only.
+    let one_size: Option<usize> = args
+        .iter()
+        .position(|a| a == "--records")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|n| n.parse().ok());
     // `cargo bench` passes `--bench`; `cargo test --all-targets` runs this binary without it,
     // as a smoke test of the bench itself on small sizes.
-    let smoke = !std::env::args().any(|a| a == "--bench");
+    let smoke = !args.iter().any(|a| a == "--bench");
     let (sizes, budget): (&[usize], usize) = if smoke {
         (&[10, 100], 200)
     } else {
-        (&[100, 1000, 10000], 200_000)
+        (&[100, 1000, 3000, 10000], 200_000)
     };
+    let one = one_size.map(|n| [n]);
+    let sizes = one.as_ref().map_or(sizes, |one| &one[..]);
     println!(
-        "records  event_MB  naive_us/rec  shardwise_us/rec  speedup  naive_lean_us/rec  speedup_vs_lean"
+        "payload bytes (size_of, Option<P> as decoded): lean {}, full {}",
+        size_of::<Option<Json<CardAmount<'_>>>>(),
+        size_of::<Option<Json<TransactionRef<'_>>>>(),
     );
+    if only_ours {
+        println!("records  event_MB  shardwise_us/rec  shardwise_full_us/rec  faults/invocation");
+    } else {
+        println!(concat!(
+            "records  event_MB  naive_us/rec  shardwise_us/rec  speedup  naive_lean_us/rec  ",
+            "speedup_vs_lean  shardwise_full_us/rec  speedup_full"
+        ));
+    }
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     for &records in sizes {
         let event = make_event(records);
         let bytes = event.as_bytes();
         let mut ours = || shardwise_path(&runtime, &processor, &invocation, bytes);
+        let mut ours_full = || shardwise_path(&runtime, &processor_full, &invocation, bytes);
         if only_ours {
-            let times = measure(records, budget, &mut [&mut ours]);
+            // One payload type alone is what a function's process sees: the two share the
+            // allocator's state when they alternate.
+            let mut paths: Vec<&mut dyn FnMut() -> usize> = Vec::new();
+            if payload != Some("full") {
+                paths.push(&mut ours);
+            }
+            if payload != Some("lean") {
+                paths.push(&mut ours_full);
+            }
+            let before = minor_faults();
+            let times = measure(records, budget, &mut paths);
+            let invocations = paths.len() * (1 + (budget / records).clamp(1, 2000));
+            let faults = (minor_faults() - before) as f64 / invocations as f64;
+            let mut times = times.into_iter().map(us);
+            let mut column = |shown: bool| match shown {
+                true => format!("{:.2}", times.next().unwrap_or(f64::NAN)),
+                false => "-".to_owned(),
+            };
+            let (lean, full) = (
+                column(payload != Some("full")),
+                column(payload != Some("lean")),
+            );
             println!(
-                "{records:>7}  {:>8.2}  {:>12}  {:>16.2}",
+                "{records:>7}  {:>8.2}  {lean:>16}  {full:>21}  {faults:>17.0}",
                 bytes.len() as f64 / 1e6,
-                "-",
-                us(times[0])
             );
             continue;
         }
         let mut full = || naive(bytes, |t: &Transaction| t.amount);
         let mut lean = || naive(bytes, |t: &LeanTransaction| t.amount);
-        let times = measure(records, budget, &mut [&mut full, &mut ours, &mut lean]);
-        let (full, ours, lean) = (us(times[0]), us(times[1]), us(times[2]));
+        let times = measure(
+            records,
+            budget,
+            &mut [&mut full, &mut ours, &mut lean, &mut ours_full],
+        );
+        let (full, ours, lean, ours_full) =
+            (us(times[0]), us(times[1]), us(times[2]), us(times[3]));
         println!(
-            "{records:>7}  {:>8.2}  {full:>12.2}  {ours:>16.2}  {:>6.2}x  {lean:>17.2}  {:>14.2}x",
+            "{records:>7}  {:>8.2}  {full:>12.2}  {ours:>16.2}  {:>6.2}x  {lean:>17.2}  {:>14.2}x  {ours_full:>21.2}  {:>11.2}x",
             bytes.len() as f64 / 1e6,
             full / ours,
             lean / ours,
+            full / ours_full,
         );
     }
     if smoke {

@@ -106,10 +106,27 @@ pub struct EntryFailure {
     pub message: String,
 }
 
-/// The whole call failed (network, throttling, missing queue).
+/// The whole call failed (network, throttling, missing queue). The backend's own error is the
+/// source, so it is never flattened into text before someone needs to read it.
 #[derive(Debug, thiserror::Error)]
-#[error("dead-letter queue call failed: {0}")]
-pub struct SinkError(pub String);
+#[error("dead-letter queue call failed: {source}")]
+pub struct SinkError {
+    #[source]
+    source: Box<dyn std::error::Error + Send + Sync + 'static>,
+}
+
+impl SinkError {
+    pub fn new(source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>) -> Self {
+        Self {
+            source: source.into(),
+        }
+    }
+
+    /// The backend's error.
+    pub fn source_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.source
+    }
+}
 
 /// Sends one batch of messages (at most [`SqsLimits::max_batch_entries`], already within the size
 /// limits). Returns the entries that were not accepted.
@@ -326,7 +343,7 @@ impl DeadLetterSink for InMemoryDeadLetterSink {
         lock(&self.calls).push(entries.len());
         let fault = lock(&self.faults).pop_front();
         let (failing, sender_fault) = match fault {
-            Some(SinkFault::FailCall) => return Err(SinkError("injected failure".to_owned())),
+            Some(SinkFault::FailCall) => return Err(SinkError::new("injected failure")),
             Some(SinkFault::FailEntries(n)) => (n, false),
             Some(SinkFault::RejectEntries(n)) => (n, true),
             None => (0, false),

@@ -35,9 +35,25 @@ pub enum Settlement {
 }
 
 /// Failure to record a settlement; the processor hands the record back to Lambda.
-#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
-#[error("idempotency store: {0}")]
-pub struct GateError(pub String);
+///
+/// The gate's own error is kept as the source (a store's `StoreError`, a key's `KeyError`), so
+/// whoever handles it can downcast rather than parse text.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum GateError {
+    /// The record's completion was not written: it will run again when redelivered.
+    #[error("completion not recorded: {0}")]
+    CompletionNotRecorded(#[source] SharedError),
+    /// A lock taken for the record was not released: it expires at the invocation's deadline.
+    #[error("lock not released (it expires at the deadline): {0}")]
+    LockNotReleased(#[source] SharedError),
+    /// The record's settlement could not even be addressed (its key could not be derived).
+    #[error("settlement not addressable: {0}")]
+    Unaddressable(#[source] SharedError),
+}
+
+/// An error shared by every record of one failed call (one store write settles many records).
+pub type SharedError = std::sync::Arc<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Per-invocation facts a gate needs (lock expiry follows the invocation deadline).
 #[derive(Debug, Clone, Copy)]

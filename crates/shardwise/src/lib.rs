@@ -17,11 +17,24 @@
 //! - **tumbling windows** ([`window`]): typed state carried between invocations, a final-window
 //!   hook, Lambda's 1 MB state limit respected.
 //! - **the response** ([`response`]): the lowest sequence number Lambda must redeliver.
+//! - **the Lambda boundary** ([`runtime`], [`runtime_api`]): one entry point, [`run`], for every
+//!   processor kind, on our own Runtime API client, so an event body is read once into a buffer
+//!   every invocation reuses.
 //! - **telemetry** ([`telemetry`], [`metrics`]): JSON logs and CloudWatch EMF metrics.
 //! - **producing** ([`producer`]): `PutRecords` within Kinesis's limits, retrying refused records.
+//! - **the small things every part uses**: [`time`] (RFC 3339 timestamps), [`clock`] (the wall
+//!   clock, injected), [`config`] (settings read through an injected environment), [`testing`]
+//!   (event builders for tests and benchmarks).
 //!
-//! Everything that talks to AWS sits behind a small trait with an AWS implementation and an
-//! in-memory one, so the same processor runs in Lambda, in the local runner and in tests.
+//! # What is not here, and why
+//! This crate links no AWS SDK. Everything that leaves the process is a small trait here
+//! ([`dead_letter::DeadLetterSink`], [`idempotency::IdempotencyStore`],
+//! [`producer::StreamWriter`]) with an in-memory implementation, so a function whose effects are
+//! its own builds without an SDK, and every test of the machinery runs without a network. The
+//! AWS implementations are the `shardwise-aws` crate (SQS, DynamoDB, Kinesis, the SDK
+//! configuration and the one list of retryable AWS error codes); the embedded SQLite ones are
+//! `shardwise-sqlite`, for the local runner. The example functions' own domain (card
+//! transactions, the canary table) is `shardwise-cards`: nothing here knows about it.
 //!
 //! # Errors
 //! Each module has its own error type. Record-level problems never become an `Err` of the
@@ -44,6 +57,7 @@ pub mod record;
 pub mod response;
 pub mod retry;
 pub mod runtime;
+pub mod runtime_api;
 pub mod telemetry;
 pub mod testing;
 pub mod time;

@@ -106,9 +106,12 @@ pub enum EntryResult {
         shard_id: String,
         sequence_number: String,
     },
+    /// Refused. The writer says whether another attempt may pass: which codes are worth it is
+    /// the backend's knowledge (`shardwise_aws::retryable` for Kinesis), not the producer's.
     Failed {
         error_code: String,
         message: String,
+        class: ErrorClass,
     },
 }
 
@@ -132,14 +135,6 @@ pub trait StreamWriter: Send + Sync {
         &self,
         entries: &[PutEntry<'_>],
     ) -> impl Future<Output = Result<Vec<EntryResult>, CallError>> + Send;
-}
-
-/// Per-record error codes worth another attempt.
-fn retryable_entry_code(code: &str) -> bool {
-    matches!(
-        code,
-        "ProvisionedThroughputExceededException" | "InternalFailure" | "KMSThrottlingException"
-    )
 }
 
 /// How one record ended.
@@ -293,7 +288,8 @@ impl<W: StreamWriter> Producer<W> {
                                 Some(EntryResult::Failed {
                                     error_code,
                                     message,
-                                }) if !retryable_entry_code(&error_code) => {
+                                    class: ErrorClass::Permanent,
+                                }) => {
                                     outcomes[index] = Some(PutOutcome::Failed {
                                         error_code,
                                         message,
@@ -303,6 +299,7 @@ impl<W: StreamWriter> Producer<W> {
                                 Some(EntryResult::Failed {
                                     error_code,
                                     message,
+                                    class: ErrorClass::Retryable,
                                 }) => {
                                     last_error[index] = Some((error_code, message));
                                     again.push(index);
@@ -519,10 +516,12 @@ pub fn aggregate_by_partition_key(
 pub enum WriterFault {
     /// The whole call fails.
     FailCall { class: ErrorClass, code: String },
-    /// The entries at these positions of the call are refused with `error_code`.
+    /// The entries at these positions of the call are refused with `error_code`, retryable or
+    /// not as `class` says.
     RefuseEntries {
         positions: Vec<usize>,
         error_code: String,
+        class: ErrorClass,
     },
 }
 
@@ -596,17 +595,19 @@ impl StreamWriter for InMemoryStreamWriter {
             Some(WriterFault::RefuseEntries {
                 positions,
                 error_code,
-            }) => Some((positions, error_code)),
+                class,
+            }) => Some((positions, error_code, class)),
             None => None,
         };
         let mut results = Vec::with_capacity(entries.len());
         for (position, entry) in entries.iter().enumerate() {
-            if let Some((positions, code)) = &refused
+            if let Some((positions, code, class)) = &refused
                 && positions.contains(&position)
             {
                 results.push(EntryResult::Failed {
                     error_code: code.clone(),
                     message: "injected".to_owned(),
+                    class: *class,
                 });
                 continue;
             }

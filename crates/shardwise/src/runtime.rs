@@ -3,20 +3,34 @@
 //! The plain [`Processor`] and the tumbling-window [`WindowProcessor`] both implement
 //! [`Invoke`]: event bytes and the invocation's deadline in, the response's JSON and the
 //! invocation's metrics out. [`handle_invocation`] is what the Lambda loop does with one event
-//! (tests call it directly); [`run`] is the loop. Errors become a Lambda error (`errorType`,
-//! `errorMessage`) here and nowhere else, with the stable types of [`InvocationError`].
+//! (tests call it directly); [`serve`] is the loop, on our own Runtime API client
+//! ([`crate::runtime_api`]), and [`run`] finds the Runtime API where Lambda says it is. Errors
+//! become a Lambda error (`errorType`, `errorMessage`) here and nowhere else, with the stable
+//! types of [`InvocationError`].
+//!
+//! # Why the loop is ours
+//! The event body is read from the socket into one buffer that lives as long as the process and
+//! handed to the parser as it is: no validating copy before our own parse (which is what
+//! `lambda_runtime`'s `LambdaEvent<Box<RawValue>>` costs), and no event-sized allocation freed
+//! and faulted back in every invocation. The processor keeps its decode buffers between
+//! invocations for the same reason. A handler panic is already a record's permanent failure
+//! inside the processor; a panic anywhere else in an invocation fails that invocation
+//! (`errorType` `Panic`) and the loop goes on, as `lambda_runtime` does.
 
 use std::future::Future;
+use std::panic::AssertUnwindSafe;
 
-use lambda_runtime::{Diagnostic, LambdaEvent, service_fn};
-use serde_json::value::RawValue;
+use futures::FutureExt;
+use tracing::Instrument;
 
 use crate::clock::Clock;
+use crate::config::{ConfigError, Env, ProcessEnv};
 use crate::dead_letter::DeadLetterSink;
 use crate::event::EventError;
 use crate::gate::RecordGate;
 use crate::metrics::EmfDocument;
 use crate::processor::{Invocation, Mode, Processor};
+use crate::runtime_api::{RuntimeApiClient, RuntimeApiError};
 use crate::window::{WindowError, WindowProcessor, WindowRecordHandler};
 
 /// Why a whole invocation failed (Lambda then retries or bisects the batch itself).
@@ -38,15 +52,6 @@ impl InvocationError {
             Self::MalformedEvent(_) => "MalformedEvent",
             Self::Window(error) => error.error_type(),
             Self::Response(_) => "ResponseNotSerializable",
-        }
-    }
-}
-
-impl From<InvocationError> for Diagnostic {
-    fn from(error: InvocationError) -> Self {
-        Diagnostic {
-            error_type: error.error_type().to_owned(),
-            error_message: error.to_string(),
         }
     }
 }
@@ -186,23 +191,97 @@ pub async fn handle_invocation(
     Ok(invoked.response)
 }
 
-/// Run `function` as a Lambda function until the runtime stops.
-pub async fn run(function: impl Invoke) -> Result<(), lambda_runtime::Error> {
-    let function = &function;
-    lambda_runtime::run(service_fn(
-        move |event: LambdaEvent<Box<RawValue>>| async move {
-            let response = handle_invocation(
-                function,
-                &event.context.request_id,
-                event.context.deadline,
-                event.payload.get().as_bytes(),
-            )
-            .await?;
-            RawValue::from_string(String::from_utf8_lossy(&response).into_owned())
-                .map_err(InvocationError::Response)
-        },
-    ))
-    .await
+/// Why the Lambda loop stopped: it runs until the Runtime API fails, which in Lambda means the
+/// sandbox is going away (exiting lets Lambda start a fresh one).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Api(#[from] RuntimeApiError),
+}
+
+/// Run `function` as a Lambda function: serve invocations from the Runtime API at
+/// `AWS_LAMBDA_RUNTIME_API` (set by Lambda, `cargo lambda watch` and the local runner) until it
+/// fails. This is the one place the library reads the environment, as every Lambda runtime does
+/// to find its API.
+pub async fn run(function: impl Invoke) -> Result<(), RuntimeError> {
+    let address = Env(ProcessEnv).required(
+        "AWS_LAMBDA_RUNTIME_API",
+        "set by Lambda, `cargo lambda watch` or the Shardwise local runner",
+    )?;
+    serve(&function, &address).await
+}
+
+/// Serve invocations from the Runtime API at `address` (`host:port`) until it fails.
+pub async fn serve(function: &impl Invoke, address: &str) -> Result<(), RuntimeError> {
+    keep_batch_memory_between_invocations();
+    let mut client = RuntimeApiClient::connect(address).await?;
+    // Reused by every invocation: after the first large event, no event-sized allocation again.
+    let mut body = Vec::new();
+    loop {
+        let context = client.next(&mut body).await?;
+        let span = tracing::info_span!(
+            "Lambda runtime invoke",
+            requestId = %context.request_id,
+            xrayTraceId = context.xray_trace_id.as_deref(),
+        );
+        let handled = AssertUnwindSafe(handle_invocation(
+            function,
+            &context.request_id,
+            context.deadline_ms,
+            &body,
+        ))
+        .catch_unwind()
+        .instrument(span)
+        .await;
+        match handled {
+            Ok(Ok(response)) => client.respond(&context.request_id, &response).await?,
+            Ok(Err(error)) => {
+                tracing::error!(requestId = %context.request_id, error_type = error.error_type(),
+                    "invocation failed: {error}");
+                client
+                    .fail(&context.request_id, error.error_type(), &error.to_string())
+                    .await?;
+            }
+            Err(panic) => {
+                let message = panic_message(panic.as_ref());
+                tracing::error!(requestId = %context.request_id, "invocation panicked: {message}");
+                client.fail(&context.request_id, "Panic", &message).await?;
+            }
+        }
+    }
+}
+
+/// The largest block whose release raises glibc's mmap threshold (`DEFAULT_MMAP_THRESHOLD_MAX`
+/// on 64-bit is 32 MiB): above every allocation an invocation makes (Lambda's payload limit is
+/// 6 MB), and half of it as the heap's trim threshold keeps any batch's heap resident.
+const ALLOCATOR_THRESHOLD_BYTES: usize = 16 << 20;
+
+/// Keep batch-sized allocations on the heap, where their pages stay between invocations.
+///
+/// glibc's malloc serves a request at or above its mmap threshold (128 KiB at start) with a
+/// fresh mapping and unmaps it when freed, and gives the heap's free top back to the kernel
+/// past twice that. A 3,000-record invocation makes half a dozen vectors of that size (the
+/// parsed records, their states, their outcomes): each was mapped, faulted in page by page and
+/// unmapped again every invocation — some 2,500 page faults, half of the process's CPU in the
+/// kernel. glibc raises both thresholds when a mapped block is freed ("dynamic mmap threshold",
+/// mallopt(3)); freeing one block of [`ALLOCATOR_THRESHOLD_BYTES`] at start-up does that once,
+/// at the cost of one untouched mapping. The event body and the decode arena are reused buffers
+/// besides, so the heap stops growing after the largest event. Other allocators ignore this.
+fn keep_batch_memory_between_invocations() {
+    drop(std::hint::black_box(Vec::<u8>::with_capacity(
+        ALLOCATOR_THRESHOLD_BYTES,
+    )));
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "the invocation panicked".to_owned())
 }
 
 #[cfg(test)]

@@ -106,10 +106,12 @@ async fn refused_records_are_retried_alone_with_backoff() {
     writer.inject(WriterFault::RefuseEntries {
         positions: vec![1, 3],
         error_code: "ProvisionedThroughputExceededException".into(),
+        class: shardwise::handler::ErrorClass::Retryable,
     });
     writer.inject(WriterFault::RefuseEntries {
         positions: vec![0],
         error_code: "InternalFailure".into(),
+        class: shardwise::handler::ErrorClass::Retryable,
     });
     let producer = Producer::new(writer).retry(quick_retry(3));
     let input = records(5, 8);
@@ -146,6 +148,7 @@ async fn what_stays_refused_is_reported_with_the_last_error() {
         writer.inject(WriterFault::RefuseEntries {
             positions: vec![0],
             error_code: "ProvisionedThroughputExceededException".into(),
+            class: shardwise::handler::ErrorClass::Retryable,
         });
     }
     let producer = Producer::new(writer).retry(quick_retry(2));
@@ -173,6 +176,7 @@ async fn permanent_entry_errors_are_not_retried() {
     writer.inject(WriterFault::RefuseEntries {
         positions: vec![0],
         error_code: "KMSAccessDeniedException".into(),
+        class: shardwise::handler::ErrorClass::Permanent,
     });
     let producer = Producer::new(writer).retry(quick_retry(5));
     let report = producer.put(&records(2, 8), None).await;
@@ -212,6 +216,7 @@ async fn retries_stop_before_the_cutoff() {
         writer.inject(WriterFault::RefuseEntries {
             positions: vec![0],
             error_code: "ProvisionedThroughputExceededException".into(),
+            class: shardwise::handler::ErrorClass::Retryable,
         });
     }
     let producer = Producer::new(writer).retry(quick_retry(10));

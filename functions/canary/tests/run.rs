@@ -181,6 +181,7 @@ async fn canaries_that_could_not_be_put_are_never_missing() {
         c.producer().writer().inject(WriterFault::RefuseEntries {
             positions: vec![0],
             error_code: "ProvisionedThroughputExceededException".into(),
+            class: shardwise::handler::ErrorClass::Retryable,
         });
     }
     let err = c.run_once(None).await.unwrap_err();

@@ -607,7 +607,7 @@ where
             let key = match key::namespaced_key(&self.key, context.function_name, record) {
                 Ok(key) => key,
                 Err(error) => {
-                    results[index] = Err(GateError(error.to_string()));
+                    results[index] = Err(GateError::Unaddressable(std::sync::Arc::new(error)));
                     continue;
                 }
             };
@@ -646,14 +646,13 @@ where
                 continue;
             };
             failed += 1;
-            let message = match write {
-                StoreWrite::Put(_) => format!("completion not recorded: {error}"),
-                StoreWrite::Delete(_) => {
-                    format!("lock not released (it expires at the deadline): {error}")
-                }
+            let source: crate::gate::SharedError = std::sync::Arc::new(error);
+            let error = match write {
+                StoreWrite::Put(_) => GateError::CompletionNotRecorded(source),
+                StoreWrite::Delete(_) => GateError::LockNotReleased(source),
             };
             for index in owners {
-                results[index] = Err(GateError(message.clone()));
+                results[index] = Err(error.clone());
             }
         }
         if failed > 0 {
@@ -769,13 +768,11 @@ mod tests {
             )
             .await;
         assert!(results[0].is_ok());
-        assert!(
-            results[1]
-                .as_ref()
-                .unwrap_err()
-                .0
-                .contains("completion not recorded")
-        );
+        assert!(matches!(
+            results[1],
+            Err(GateError::CompletionNotRecorded(ref source))
+                if source.downcast_ref::<StoreError>().is_some()
+        ));
         assert_eq!(store.calls(StoreOp::Write), vec![2, 1]);
     }
 

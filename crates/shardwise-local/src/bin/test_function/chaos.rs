@@ -195,12 +195,12 @@ pub async fn run() -> Result<(), lambda_runtime::Error> {
         let dead_letters = SqliteQueue::new(db.clone(), queues::DEAD_LETTERS);
         if sabotage {
             let processor = Processor::per_record(handler, dead_letters).config(config);
-            return shardwise::run(processor).await;
+            return Ok(shardwise::run(processor).await?);
         }
         let processor = Processor::per_record(handler, dead_letters)
             .config(config)
             .gate(Idempotency::new(SqliteIdempotencyStore::new(db)));
-        return shardwise::run(processor).await;
+        return Ok(shardwise::run(processor).await?);
     }
     let sdk = shardwise_aws::sdk_config(None).await;
     let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
@@ -226,5 +226,5 @@ pub async fn run() -> Result<(), lambda_runtime::Error> {
         dynamodb,
         var("IDEMPOTENCY_TABLE")?,
     )));
-    shardwise::run(processor).await
+    Ok(shardwise::run(processor).await?)
 }

@@ -175,7 +175,7 @@ mod effects {
             metrics_namespace: "ShardwiseTest".to_owned(),
             ..ProcessorConfig::default()
         });
-        shardwise::run(processor).await
+        Ok(shardwise::run(processor).await?)
     }
 }
 

@@ -1,0 +1,40 @@
+//! A Shardwise Kinesis function whose handler reads two borrowed fields of each transaction
+//! (the bootstrap benchmark's `shardwise-lean`). Wired as `functions/fraud/src/main.rs` is:
+//! SDK config and SQS client at start (nothing is dead-lettered, so no AWS call is made).
+
+#![recursion_limit = "256"]
+
+use std::hint::black_box;
+
+use serde::Deserialize;
+use shardwise::{HandlerError, Json, Processor, ProcessorConfig, Record, RecordHandler};
+
+#[derive(Deserialize)]
+struct CardAmount<'a> {
+    card_id: &'a str,
+    amount: f64,
+}
+
+struct SumAmounts;
+
+impl<'d> RecordHandler<'d> for SumAmounts {
+    type Payload = Json<CardAmount<'d>>;
+
+    async fn handle(&self, _: &Record<'d>, tx: &Json<CardAmount<'d>>) -> Result<(), HandlerError> {
+        black_box((tx.card_id.len(), tx.amount));
+        Ok(())
+    }
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let sdk = shardwise_aws::sdk_config(None).await;
+    let queue_url = std::env::var("DEAD_LETTER_QUEUE_URL")?;
+    let dead_letters =
+        shardwise_aws::SqsDeadLetterSink::new(aws_sdk_sqs::Client::new(&sdk), queue_url);
+    let processor = Processor::per_record(SumAmounts, dead_letters).config(ProcessorConfig {
+        metrics_namespace: "Bench".to_owned(),
+        ..ProcessorConfig::default()
+    });
+    Ok(shardwise::run(processor).await?)
+}
