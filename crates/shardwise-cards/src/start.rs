@@ -14,8 +14,9 @@ use shardwise::telemetry::{self, LogFormat};
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Backend {
-    /// DynamoDB, SQS and Kinesis through this SDK configuration (Lambda, moto).
-    Aws(aws_config::SdkConfig),
+    /// DynamoDB, SQS and Kinesis through this SDK configuration (Lambda, moto). Boxed: it is
+    /// large, and read once.
+    Aws(Box<aws_config::SdkConfig>),
     /// The local runner's SQLite file.
     #[cfg(feature = "local")]
     Local(std::sync::Arc<shardwise_sqlite::LocalDb>),
@@ -54,7 +55,9 @@ pub async fn start<S>(
 #[cfg(feature = "local")]
 async fn backend(env: &Env<impl EnvSource>) -> Result<Backend, StartError> {
     match shardwise_sqlite::Backend::from_env(env)? {
-        shardwise_sqlite::Backend::Aws => Ok(Backend::Aws(shardwise_aws::sdk_config(None).await)),
+        shardwise_sqlite::Backend::Aws => Ok(Backend::Aws(Box::new(
+            shardwise_aws::sdk_config(None).await,
+        ))),
         shardwise_sqlite::Backend::Local { path } => Ok(Backend::Local(std::sync::Arc::new(
             shardwise_sqlite::LocalDb::open(path)?,
         ))),
@@ -64,7 +67,9 @@ async fn backend(env: &Env<impl EnvSource>) -> Result<Backend, StartError> {
 #[cfg(not(feature = "local"))]
 async fn backend(env: &Env<impl EnvSource>) -> Result<Backend, StartError> {
     match env.string_or("SHARDWISE_BACKEND", "aws").as_str() {
-        "aws" => Ok(Backend::Aws(shardwise_aws::sdk_config(None).await)),
+        "aws" => Ok(Backend::Aws(Box::new(
+            shardwise_aws::sdk_config(None).await,
+        ))),
         other => Err(StartError::LocalNotBuilt(other.to_owned())),
     }
 }
