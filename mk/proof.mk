@@ -1,4 +1,4 @@
-# Proof targets (issue 7): the long property run and the fuzzers. Included by the top-level
+# Proof targets: the long property run and the fuzzers. Included by the top-level
 # Makefile (`include mk/proof.mk`). docs/proof.md says what each checks and what the last runs
 # found.
 #

@@ -341,12 +341,9 @@ impl IdempotencyStore for DynamoDbIdempotencyStore {
                     match reason.code() {
                         None | Some("None") => ClaimVerdict::NotAttempted,
                         Some("ConditionalCheckFailed") => ClaimVerdict::Taken,
-                        Some(
-                            "TransactionConflict"
-                            | "ThrottlingError"
-                            | "ProvisionedThroughputExceeded"
-                            | "RequestLimitExceeded",
-                        ) => ClaimVerdict::Retry(message()),
+                        Some(code) if retryable::RETRYABLE_CANCELLATION_CODES.contains(&code) => {
+                            ClaimVerdict::Retry(message())
+                        }
                         Some(_) => ClaimVerdict::Failed(message()),
                     }
                 })

@@ -38,6 +38,15 @@ pub const UNAVAILABLE_CODES: &[&str] = &[
     "RequestExpired",
 ];
 
+/// The reasons DynamoDB gives, per item, for cancelling a `TransactWriteItems` that are worth
+/// another attempt (a vocabulary of its own, without the `Exception` suffix).
+pub const RETRYABLE_CANCELLATION_CODES: &[&str] = &[
+    "TransactionConflict",
+    "ThrottlingError",
+    "ProvisionedThroughputExceeded",
+    "RequestLimitExceeded",
+];
+
 /// How a failed AWS call should be treated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {

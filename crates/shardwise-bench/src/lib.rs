@@ -1,7 +1,13 @@
-//! The payload types of the bootstrap benchmark (`benches/bootstrap.rs`), shared by its
-//! bootstrap binaries (`src/bin/*.rs`) so that each binary is only its wiring.
+//! The real-bootstrap benchmark: three Lambda bootstrap binaries and the driver that runs them
+//! against the local runner's Runtime API server (`benches/bootstrap.rs`, whose docs say what is
+//! measured and how).
 //!
-//! Both model the whole ~1 KiB card transaction that `shardwise::testing::card_transaction`
+//! - `src/bin/usual.rs`: `lambda_runtime` + `aws_lambda_events`, an owned payload;
+//! - `src/bin/lean.rs`: `shardwise::run`, a payload of two borrowed fields;
+//! - `src/bin/borrowed.rs`: `shardwise::run`, a payload that borrows all 25 fields;
+//! - this library: the payload types, shared so that each binary is only its wiring.
+//!
+//! Both model the whole ~1 KiB card transaction that `shardwise_cards::generator::card_transaction`
 //! writes (25 fields, nested objects): [`Transaction`] owned, as a handler written against
 //! `aws_lambda_events` declares it (the struct of `crates/shardwise/benches/pipeline.rs`);
 //! [`BorrowedTransaction`] borrowing every string from the decoded record data, which is what a

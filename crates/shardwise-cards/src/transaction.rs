@@ -8,7 +8,7 @@
 //! type and matches on it.
 //!
 //! Strings are `Cow<'a, str>` borrowed from the decoded record: no copy on the hot path, and a
-//! producer that escapes a character (`"c\u002d1"`) still decodes (see PERFORMANCE.md).
+//! producer that escapes a character (`"c\u002d1"`) still decodes (a `&str` would refuse it).
 //! `timestamp` is checked as RFC 3339 while decoding, so a consumer never meets a bad one: a record
 //! with an unreadable timestamp is a wrong-shape payload, dead-lettered with the field named.
 //!

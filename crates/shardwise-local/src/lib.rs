@@ -11,7 +11,14 @@
 //! - [`settings`]: the mapping's settings, read from `template.yaml`.
 //! - [`runner`] and [`view`]: a run, its live view and summary.
 //! - [`tools`]: `put`, `replay`, `loadgen`; [`plan`]: shards, concurrency and cost.
-//! - [`demo`]: `make demo` — fraud and aggregation under generated load, end to end.
+//! - [`demo`]: `make demo` — fraud and aggregation under generated load, end to end;
+//!   [`bench`]: `shardwise bench`, end-to-end throughput and latency of the embedded pipeline.
+//! - [`filter`]: the mapping's event filters; [`stats`]: what the view and summary count;
+//!   [`sandbox`]: the function processes a killed runner left behind, stopped by the next.
+//! - [`cli`]: the subcommands, each with its own arguments and `run`.
+//! - Binaries besides `shardwise`: `shardwise-test-function` (fails on command: the conformance
+//!   and chaos suites' subject) and `runtime_api_echo` (echoes events through
+//!   `shardwise::runtime_api`: that client's test against this runner and `cargo lambda watch`).
 //!
 //! Errors: each module has its own error type; only the binary (`main.rs`) uses `anyhow`.
 

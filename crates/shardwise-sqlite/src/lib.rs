@@ -22,10 +22,9 @@
 //! they run on the caller's task rather than a blocking pool.
 //!
 //! # Chosen explicitly, never as a fallback
-//! [`Backend::from_env`] reads `SHARDWISE_BACKEND` (`aws`, the default, or `local`) and, for
-//! `local`, requires `SHARDWISE_LOCAL_DB`. A function never drops to SQLite because AWS is
-//! unreachable: in Lambda that would acknowledge records into a file that disappears with the
-//! sandbox.
+//! A function uses these only when told to (`SHARDWISE_BACKEND=local`, read by the example
+//! functions' start-up, `shardwise_cards::start`), never because AWS is unreachable: in Lambda
+//! that would acknowledge records into a file that disappears with the sandbox.
 
 mod idempotency;
 mod queue;
@@ -36,8 +35,6 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use rusqlite::Connection;
-
-use shardwise::config::{ConfigError, Env, EnvSource};
 
 pub use idempotency::SqliteIdempotencyStore;
 pub use queue::{QueueMessage, SqliteQueue};
@@ -175,35 +172,6 @@ impl LocalDb {
     }
 }
 
-/// Which implementation of the AWS-facing traits a function uses.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Backend {
-    /// DynamoDB and SQS through the SDK (Lambda, moto).
-    Aws,
-    /// The SQLite file at this path.
-    Local { path: PathBuf },
-}
-
-impl Backend {
-    /// `SHARDWISE_BACKEND` = `aws` (default) | `local`; `local` requires `SHARDWISE_LOCAL_DB`.
-    pub fn from_env(env: &Env<impl EnvSource>) -> Result<Self, ConfigError> {
-        match env.string_or("SHARDWISE_BACKEND", "aws").as_str() {
-            "aws" => Ok(Self::Aws),
-            "local" => Ok(Self::Local {
-                path: PathBuf::from(env.required(
-                    "SHARDWISE_LOCAL_DB",
-                    "the SQLite file of the local backends (SHARDWISE_BACKEND=local)",
-                )?),
-            }),
-            other => Err(ConfigError::Invalid {
-                name: "SHARDWISE_BACKEND".to_owned(),
-                value: other.to_owned(),
-                expected: "aws or local".to_owned(),
-            }),
-        }
-    }
-}
-
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -213,8 +181,6 @@ fn now_ms() -> i64 {
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
-    use std::collections::HashMap;
-
     use super::*;
 
     /// A runner per function and every function instance open a fresh state directory at
@@ -238,26 +204,5 @@ mod tests {
                 let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
             }
         }
-    }
-
-    #[test]
-    fn the_backend_is_chosen_explicitly() {
-        let env = Env(HashMap::<&str, &str>::new());
-        assert_eq!(Backend::from_env(&env).unwrap(), Backend::Aws);
-        let env = Env(HashMap::from([("SHARDWISE_BACKEND", "local")]));
-        let err = Backend::from_env(&env).unwrap_err().to_string();
-        assert!(err.contains("SHARDWISE_LOCAL_DB"), "{err}");
-        let env = Env(HashMap::from([
-            ("SHARDWISE_BACKEND", "local"),
-            ("SHARDWISE_LOCAL_DB", "/tmp/x.db"),
-        ]));
-        assert_eq!(
-            Backend::from_env(&env).unwrap(),
-            Backend::Local {
-                path: "/tmp/x.db".into()
-            }
-        );
-        let env = Env(HashMap::from([("SHARDWISE_BACKEND", "sqlite")]));
-        assert!(Backend::from_env(&env).is_err());
     }
 }

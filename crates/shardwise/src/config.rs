@@ -147,8 +147,9 @@ impl CommonSettings {
     }
 }
 
-/// The Lambda Runtime API variables `lambda_runtime` panics without; checked first so a binary
-/// started outside Lambda says what is missing instead of panicking.
+/// The variables Lambda sets for every function: `shardwise::run` needs the Runtime API's
+/// address, and `lambda_runtime` (which the scheduled canary runs on) panics without any of
+/// them. Checked first, so a binary started outside Lambda says what is missing.
 pub fn check_lambda_environment(env: &Env<impl EnvSource>) -> Result<(), ConfigError> {
     for name in [
         "AWS_LAMBDA_RUNTIME_API",

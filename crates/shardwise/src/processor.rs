@@ -12,9 +12,10 @@
 //! 6. tell the gate how records settled;
 //! 7. answer with the lowest sequence number Lambda must redeliver.
 //!
-//! Every record ends in exactly one [`Outcome`]; while it is being processed it is in a
-//! [`RecordState`](state::RecordState), which holds the states that never leave the processor
-//! (pending, permanent and not yet dead-lettered, a duplicate of an earlier record). Only three outcomes acknowledge a record —
+//! Every record ends in exactly one [`Outcome`]; while it is being processed it is in an
+//! internal state, which also has the states that never leave the processor (pending,
+//! permanent but not yet dead-lettered, a duplicate of an earlier record). Only three outcomes
+//! acknowledge a record —
 //! processed, already done, dead-lettered — everything else is reported back to Lambda, so a
 //! record is never lost to an error, a full dead-letter queue or a deadline.
 
@@ -388,11 +389,8 @@ async fn guarded(
     match result {
         Ok(result) => result,
         Err(panic) => {
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "handler panicked".to_owned());
+            let message =
+                panic_message(panic.as_ref()).unwrap_or_else(|| "handler panicked".to_owned());
             Err(
                 HandlerError::permanent(format!("handler panicked: {message}"))
                     .with_type("HandlerPanic"),
@@ -407,6 +405,14 @@ async fn guarded(
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("handler still running at the invocation's deadline margin")]
 pub struct DeadlineExceeded;
+
+/// The message a panic carries, when it is text (`panic!("…")` and `panic!("{x}")` both are).
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> Option<String> {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+}
 
 /// Whether another attempt is allowed: a handler abandoned at the deadline gets none.
 fn worth_retrying(error: &HandlerError) -> bool {

@@ -8,8 +8,8 @@
 //! backend — Kinesis's limits (500 records and 5 MiB per call, 1 MiB per record including its
 //! partition key), retrying exactly the refused entries with backoff from [`crate::retry`], and
 //! the final per-record report — while a [`StreamWriter`] only makes one call. The AWS
-//! implementation is [`KinesisStreamWriter`]; [`InMemoryStreamWriter`] backs tests and can play
-//! faults.
+//! implementation is `shardwise_aws::KinesisStreamWriter`; [`InMemoryStreamWriter`] backs tests
+//! and can play faults.
 //!
 //! # Ordering
 //! Records of one partition key reach their shard in the order given only if nothing is retried:

@@ -65,6 +65,18 @@ pub struct Invoked {
     pub metrics: EmfDocument,
 }
 
+impl Invoked {
+    fn new(
+        response: &impl serde::Serialize,
+        metrics: EmfDocument,
+    ) -> Result<Self, InvocationError> {
+        Ok(Self {
+            response: serde_json::to_vec(response).map_err(InvocationError::Response)?,
+            metrics,
+        })
+    }
+}
+
 /// Something Lambda can invoke with a Kinesis event: the one trait [`run`] takes.
 ///
 /// Its future need not be `Send`: one Lambda sandbox handles one invocation at a time, and the
@@ -99,10 +111,10 @@ where
     ) -> Result<Invoked, InvocationError> {
         let report = self.process(event, invocation).await?;
         let settings = self.settings();
-        Ok(Invoked {
-            response: serde_json::to_vec(&report.response).map_err(InvocationError::Response)?,
-            metrics: report.metrics(&settings.metrics_namespace, &settings.function_name),
-        })
+        Invoked::new(
+            &report.response,
+            report.metrics(&settings.metrics_namespace, &settings.function_name),
+        )
     }
 
     fn clock(&self) -> &dyn Clock {
@@ -150,10 +162,10 @@ where
     ) -> Result<Invoked, InvocationError> {
         let report = self.process(event, invocation).await?;
         let settings = self.settings();
-        Ok(Invoked {
-            response: serde_json::to_vec(&report.response).map_err(InvocationError::Response)?,
-            metrics: report.metrics(&settings.metrics_namespace, &settings.function_name),
-        })
+        Invoked::new(
+            &report.response,
+            report.metrics(&settings.metrics_namespace, &settings.function_name),
+        )
     }
 }
 
@@ -221,7 +233,19 @@ pub async fn serve(function: &impl Invoke, address: &str) -> Result<(), RuntimeE
     // Reused by every invocation: after the first large event, no event-sized allocation again.
     let mut body = Vec::new();
     loop {
-        let context = client.next(&mut body).await?;
+        let context = match client.next(&mut body).await {
+            Ok(context) => context,
+            // Answerable: fail this one invocation and go on.
+            Err(RuntimeApiError::InvalidInvocation { request_id, header }) => {
+                let message = format!("the invocation has no valid {header} header");
+                tracing::error!(requestId = %request_id, "{message}");
+                client
+                    .fail(&request_id, "Runtime.InvalidInvocation", &message)
+                    .await?;
+                continue;
+            }
+            Err(error) => return Err(error.into()),
+        };
         let span = tracing::info_span!(
             "Lambda runtime invoke",
             requestId = %context.request_id,
@@ -236,19 +260,35 @@ pub async fn serve(function: &impl Invoke, address: &str) -> Result<(), RuntimeE
         .catch_unwind()
         .instrument(span)
         .await;
+        let request_id = &context.request_id;
         match handled {
-            Ok(Ok(response)) => client.respond(&context.request_id, &response).await?,
+            Ok(Ok(response)) => match client.respond(request_id, &response).await {
+                Ok(()) => {}
+                // Above Lambda's response limit (6 MB): the invocation fails, the loop goes on.
+                Err(error) if error.status() == Some(hyper::StatusCode::PAYLOAD_TOO_LARGE) => {
+                    tracing::error!(requestId = %request_id, "response refused: {error}");
+                    client
+                        .fail(
+                            request_id,
+                            "Function.ResponseSizeTooLarge",
+                            &error.to_string(),
+                        )
+                        .await?;
+                }
+                Err(error) => return Err(error.into()),
+            },
             Ok(Err(error)) => {
-                tracing::error!(requestId = %context.request_id, error_type = error.error_type(),
+                tracing::error!(requestId = %request_id, error_type = error.error_type(),
                     "invocation failed: {error}");
                 client
-                    .fail(&context.request_id, error.error_type(), &error.to_string())
+                    .fail(request_id, error.error_type(), &error.to_string())
                     .await?;
             }
             Err(panic) => {
-                let message = panic_message(panic.as_ref());
-                tracing::error!(requestId = %context.request_id, "invocation panicked: {message}");
-                client.fail(&context.request_id, "Panic", &message).await?;
+                let message = crate::processor::panic_message(panic.as_ref())
+                    .unwrap_or_else(|| "the invocation panicked".to_owned());
+                tracing::error!(requestId = %request_id, "invocation panicked: {message}");
+                client.fail(request_id, "Panic", &message).await?;
             }
         }
     }
@@ -276,17 +316,103 @@ fn keep_batch_memory_between_invocations() {
     )));
 }
 
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "the invocation panicked".to_owned())
-}
-
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::panic)]
 mod tests {
     use super::*;
+    use crate::runtime_api::tests::{Answer, TestServer, accepted, invocation};
+    use crate::testing::{event_json, plain, sequence_number};
+    use crate::{InMemoryDeadLetterSink, Processor, Record, RecordHandler};
+
+    struct Accept;
+
+    impl<'d> RecordHandler<'d> for Accept {
+        type Payload = &'d [u8];
+
+        async fn handle(&self, _: &Record<'d>, _: &&'d [u8]) -> Result<(), crate::HandlerError> {
+            Ok(())
+        }
+    }
+
+    struct NoMetrics;
+
+    impl crate::metrics::MetricsWriter for NoMetrics {
+        fn write_line(&self, _: &str) {}
+    }
+
+    /// The loop fails one invocation and goes on when Lambda refuses a response as too large or
+    /// hands over an invocation it can answer but not time; it stops only when the Runtime API
+    /// itself fails.
+    #[tokio::test]
+    async fn the_loop_outlives_one_bad_invocation() {
+        let event = event_json(&[plain("k", &sequence_number(1), b"x")]);
+        let too_large = Answer {
+            status: 413,
+            headers: vec![],
+            body: br#"{"errorType":"RequestEntityTooLarge"}"#.to_vec(),
+        };
+        let mut no_deadline = invocation("req-2", "0", event.as_bytes());
+        no_deadline
+            .headers
+            .retain(|(name, _)| *name != "lambda-runtime-deadline-ms");
+        let server = TestServer::start(
+            vec![
+                invocation("req-1", "600000", event.as_bytes()),
+                too_large,
+                accepted(),
+                no_deadline,
+                accepted(),
+                invocation("req-3", "600000", event.as_bytes()),
+                accepted(),
+            ],
+            true,
+        )
+        .await;
+        let processor =
+            Processor::per_record(Accept, InMemoryDeadLetterSink::new()).metrics(NoMetrics);
+        let stopped = serve(&processor, &server.address).await;
+        // The script is exhausted: the server answers 410 to the fourth `next`.
+        assert!(
+            matches!(&stopped, Err(RuntimeError::Api(e)) if e.status() == Some(hyper::StatusCode::GONE)),
+            "{stopped:?}"
+        );
+        let calls: Vec<(String, Option<String>)> = server
+            .received()
+            .iter()
+            .map(|r| {
+                let kind = r
+                    .header("lambda-runtime-function-error-type")
+                    .map(str::to_owned);
+                (r.path.clone(), kind)
+            })
+            .collect();
+        let next = "/2018-06-01/runtime/invocation/next".to_owned();
+        assert_eq!(
+            calls,
+            vec![
+                (next.clone(), None),
+                (
+                    "/2018-06-01/runtime/invocation/req-1/response".to_owned(),
+                    None
+                ),
+                (
+                    "/2018-06-01/runtime/invocation/req-1/error".to_owned(),
+                    Some("Function.ResponseSizeTooLarge".to_owned())
+                ),
+                (next.clone(), None),
+                (
+                    "/2018-06-01/runtime/invocation/req-2/error".to_owned(),
+                    Some("Runtime.InvalidInvocation".to_owned())
+                ),
+                (next.clone(), None),
+                (
+                    "/2018-06-01/runtime/invocation/req-3/response".to_owned(),
+                    None
+                ),
+                (next, None),
+            ]
+        );
+    }
 
     #[test]
     fn deadline_headers_of_lambda_and_cargo_lambda() {

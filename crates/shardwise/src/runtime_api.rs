@@ -48,9 +48,11 @@
 //!
 //! # Loop
 //! The owner of the process writes the loop: `next`, handle the body, `respond` or `fail`, again
-//! (the tests hold an example). A 413 from `respond` is answered with `fail`; any other error
-//! means the connection or the contract is broken, and exiting lets Lambda start a fresh
-//! sandbox (it fails the invocation as `Runtime.ExitError`). A call whose future is dropped
+//! (`crate::runtime::serve`). A 413 from `respond` is answered with `fail`, and so is an
+//! invocation whose headers are unusable but whose request id is not
+//! ([`RuntimeApiError::InvalidInvocation`]); any other error means the connection or the
+//! contract is broken, and exiting lets Lambda start a fresh sandbox (it fails the invocation as
+//! `Runtime.ExitError`). A call whose future is dropped
 //! midway leaves hyper to close the connection; the next call opens a new one.
 
 use std::fmt;
@@ -120,7 +122,8 @@ impl InvocationContext {
             })?;
         let deadline_ms = text(DEADLINE_HEADER)
             .and_then(|v| v.trim().parse::<u64>().ok())
-            .ok_or(RuntimeApiError::InvalidHeader {
+            .ok_or_else(|| RuntimeApiError::InvalidInvocation {
+                request_id: request_id.to_owned(),
                 header: DEADLINE_HEADER,
             })?;
         Ok(Self {
@@ -181,9 +184,17 @@ pub enum RuntimeApiError {
         /// The start of the answer's body, for the log.
         body: String,
     },
-    /// The next invocation lacks a header the contract requires, or its value is unusable.
+    /// The next invocation lacks a header the contract requires, or its value is unusable, and
+    /// cannot even be answered (its request id is the header at fault).
     #[error("the next invocation has no valid {header} header")]
     InvalidHeader { header: &'static str },
+    /// The next invocation (with a usable request id) lacks another header the contract
+    /// requires: it can be failed, and the loop go on.
+    #[error("invocation {request_id} has no valid {header} header")]
+    InvalidInvocation {
+        request_id: String,
+        header: &'static str,
+    },
     /// A request id handed to `respond` or `fail` that cannot go into a URL path as it is.
     #[error("{0:?} is not a Lambda request id (letters, digits and -._~ only)")]
     InvalidRequestId(String),
@@ -513,7 +524,7 @@ async fn status_error(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
     use std::collections::VecDeque;
@@ -528,28 +539,28 @@ mod tests {
 
     /// One request as the test server received it.
     #[derive(Debug, Clone)]
-    struct Received {
-        method: Method,
-        path: String,
-        headers: HeaderMap,
-        body: Vec<u8>,
+    pub(crate) struct Received {
+        pub(crate) method: Method,
+        pub(crate) path: String,
+        pub(crate) headers: HeaderMap,
+        pub(crate) body: Vec<u8>,
     }
 
     impl Received {
-        fn header(&self, name: &str) -> Option<&str> {
+        pub(crate) fn header(&self, name: &str) -> Option<&str> {
             self.headers.get(name).and_then(|v| v.to_str().ok())
         }
     }
 
     /// A scripted answer: status, headers, body.
     #[derive(Debug, Clone)]
-    struct Answer {
-        status: u16,
-        headers: Vec<(&'static str, String)>,
-        body: Vec<u8>,
+    pub(crate) struct Answer {
+        pub(crate) status: u16,
+        pub(crate) headers: Vec<(&'static str, String)>,
+        pub(crate) body: Vec<u8>,
     }
 
-    fn accepted() -> Answer {
+    pub(crate) fn accepted() -> Answer {
         Answer {
             status: 202,
             headers: vec![],
@@ -557,7 +568,7 @@ mod tests {
         }
     }
 
-    fn invocation(id: &str, deadline: &str, body: &[u8]) -> Answer {
+    pub(crate) fn invocation(id: &str, deadline: &str, body: &[u8]) -> Answer {
         Answer {
             status: 200,
             headers: vec![
@@ -579,15 +590,15 @@ mod tests {
 
     /// A Runtime API stand-in on 127.0.0.1:0: answers requests from a script, in order, and
     /// records each request and each accepted connection.
-    struct TestServer {
-        address: String,
+    pub(crate) struct TestServer {
+        pub(crate) address: String,
         connections: Arc<AtomicUsize>,
         received: Arc<Mutex<Vec<Received>>>,
         task: tokio::task::JoinHandle<()>,
     }
 
     impl TestServer {
-        async fn start(script: Vec<Answer>, keep_alive: bool) -> Self {
+        pub(crate) async fn start(script: Vec<Answer>, keep_alive: bool) -> Self {
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let address = listener.local_addr().unwrap().to_string();
             let connections = Arc::new(AtomicUsize::new(0));
@@ -640,7 +651,7 @@ mod tests {
             }
         }
 
-        fn received(&self) -> Vec<Received> {
+        pub(crate) fn received(&self) -> Vec<Received> {
             self.received.lock().unwrap().clone()
         }
 
@@ -819,7 +830,7 @@ mod tests {
         assert!(error.to_string().contains("Lambda-Runtime-Aws-Request-Id"));
         let error = client.next(&mut body).await.unwrap_err();
         assert!(
-            matches!(error, RuntimeApiError::InvalidHeader { header } if header == DEADLINE_HEADER),
+            matches!(error, RuntimeApiError::InvalidInvocation { header, .. } if header == DEADLINE_HEADER),
             "{error:?}"
         );
         assert!(error.to_string().contains("Lambda-Runtime-Deadline-Ms"));

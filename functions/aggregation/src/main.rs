@@ -50,22 +50,38 @@ async fn main() -> anyhow::Result<()> {
             )
             .await
         }
-        #[cfg(feature = "local")]
-        Backend::Local(db) => {
-            use aggregation::store::SqliteAggregateStore;
-            use shardwise_cards::canary::SqliteCanaryAckStore;
-            use shardwise_sqlite::{SqliteQueue, queues};
-            serve(
-                SqliteAggregateStore::new(db.clone()),
-                SqliteCanaryAckStore::new(db.clone()),
-                SqliteQueue::new(db, queues::DEAD_LETTERS),
-                &common,
-                &settings,
-            )
-            .await
-        }
+        Backend::Local { path } => serve_local(&path, &common, &settings).await,
         other => anyhow::bail!("aggregation has no stores for the backend {other:?}"),
     }
+}
+
+#[cfg(feature = "local")]
+async fn serve_local(
+    path: &std::path::Path,
+    common: &CommonSettings,
+    settings: &AggregationSettings,
+) -> anyhow::Result<()> {
+    use aggregation::store::SqliteAggregateStore;
+    use shardwise_cards::canary::SqliteCanaryAckStore;
+    use shardwise_sqlite::{LocalDb, SqliteQueue, queues};
+    let db = std::sync::Arc::new(LocalDb::open(path)?);
+    serve(
+        SqliteAggregateStore::new(db.clone()),
+        SqliteCanaryAckStore::new(db.clone()),
+        SqliteQueue::new(db, queues::DEAD_LETTERS),
+        common,
+        settings,
+    )
+    .await
+}
+
+#[cfg(not(feature = "local"))]
+async fn serve_local(
+    _: &std::path::Path,
+    _: &CommonSettings,
+    _: &AggregationSettings,
+) -> anyhow::Result<()> {
+    Err(shardwise_cards::start::StartError::LocalNotBuilt.into())
 }
 
 async fn serve(

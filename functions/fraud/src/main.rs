@@ -50,22 +50,30 @@ async fn run() -> anyhow::Result<()> {
             )
             .await
         }
-        #[cfg(feature = "local")]
-        Backend::Local(db) => {
-            use fraud::local::{SqliteAlertSink, SqliteCardStateStore};
-            use shardwise_cards::canary::SqliteCanaryAckStore;
-            use shardwise_sqlite::{SqliteQueue, queues};
-            serve(
-                SqliteCardStateStore::new(db.clone(), settings.card_state_ttl_seconds),
-                SqliteAlertSink::new(db.clone()),
-                SqliteCanaryAckStore::new(db.clone()),
-                SqliteQueue::new(db, queues::DEAD_LETTERS),
-                &settings,
-            )
-            .await
-        }
+        Backend::Local { path } => serve_local(&path, &settings).await,
         other => anyhow::bail!("fraud has no stores for the backend {other:?}"),
     }
+}
+
+#[cfg(feature = "local")]
+async fn serve_local(path: &std::path::Path, settings: &FraudSettings) -> anyhow::Result<()> {
+    use fraud::local::{SqliteAlertSink, SqliteCardStateStore};
+    use shardwise_cards::canary::SqliteCanaryAckStore;
+    use shardwise_sqlite::{LocalDb, SqliteQueue, queues};
+    let db = std::sync::Arc::new(LocalDb::open(path)?);
+    serve(
+        SqliteCardStateStore::new(db.clone(), settings.card_state_ttl_seconds),
+        SqliteAlertSink::new(db.clone()),
+        SqliteCanaryAckStore::new(db.clone()),
+        SqliteQueue::new(db, queues::DEAD_LETTERS),
+        settings,
+    )
+    .await
+}
+
+#[cfg(not(feature = "local"))]
+async fn serve_local(_: &std::path::Path, _: &FraudSettings) -> anyhow::Result<()> {
+    Err(shardwise_cards::start::StartError::LocalNotBuilt.into())
 }
 
 async fn serve(
