@@ -5,8 +5,11 @@
 //! traffic (cards with habits, fraud patterns, poison), [`card_transaction`] for a fixed ~1 KiB
 //! record with nested objects, the size a real acquirer payload has.
 
+use std::borrow::Cow;
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use serde::Deserialize;
 use serde_json::json;
 use shardwise::producer::ProducerRecord;
 
@@ -199,5 +202,180 @@ impl TransactionGenerator {
         let (home, usual) = Self::habits(n);
         let amount = usual * self.rng.random_range(0.8..1.25);
         self.transaction(&card, at_ms, home, amount, None)
+    }
+}
+
+/// The whole transaction [`card_transaction`] writes, owned: the typed payload a handler written
+/// against `aws_lambda_events` declares (the benchmarks' naive floor).
+#[derive(Debug, Deserialize)]
+pub struct FullTransaction {
+    pub transaction_id: String,
+    pub card_id: String,
+    pub merchant_id: String,
+    pub merchant_category: String,
+    pub amount: f64,
+    pub currency: String,
+    pub country: String,
+    pub lat: f64,
+    pub lon: f64,
+    pub timestamp: String,
+    pub channel: String,
+    pub device: Device,
+    pub customer: Customer,
+    pub terminal: Terminal,
+    pub metadata: Metadata,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Device {
+    pub id: String,
+    pub ip: String,
+    pub user_agent: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Customer {
+    pub id: String,
+    pub segment: String,
+    pub risk_tier: String,
+    pub since: String,
+    pub email_hash: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Terminal {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub entry_mode: String,
+    pub address: String,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct Metadata {
+    pub source: String,
+    pub schema: String,
+    pub trace: String,
+    pub tags: Vec<String>,
+    pub notes: String,
+}
+
+/// The same transaction with every string borrowed from the record (`Cow`, so an escaped string
+/// still decodes): what a Shardwise handler that reads every field declares.
+#[derive(Debug, Deserialize)]
+pub struct FullTransactionRef<'a> {
+    #[serde(borrow)]
+    pub transaction_id: Cow<'a, str>,
+    #[serde(borrow)]
+    pub card_id: Cow<'a, str>,
+    #[serde(borrow)]
+    pub merchant_id: Cow<'a, str>,
+    #[serde(borrow)]
+    pub merchant_category: Cow<'a, str>,
+    pub amount: f64,
+    #[serde(borrow)]
+    pub currency: Cow<'a, str>,
+    #[serde(borrow)]
+    pub country: Cow<'a, str>,
+    pub lat: f64,
+    pub lon: f64,
+    #[serde(borrow)]
+    pub timestamp: Cow<'a, str>,
+    #[serde(borrow)]
+    pub channel: Cow<'a, str>,
+    #[serde(borrow)]
+    pub device: DeviceRef<'a>,
+    #[serde(borrow)]
+    pub customer: CustomerRef<'a>,
+    #[serde(borrow)]
+    pub terminal: TerminalRef<'a>,
+    #[serde(borrow)]
+    pub metadata: MetadataRef<'a>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct DeviceRef<'a> {
+    #[serde(borrow)]
+    pub id: Cow<'a, str>,
+    #[serde(borrow)]
+    pub ip: Cow<'a, str>,
+    #[serde(borrow)]
+    pub user_agent: Cow<'a, str>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct CustomerRef<'a> {
+    #[serde(borrow)]
+    pub id: Cow<'a, str>,
+    #[serde(borrow)]
+    pub segment: Cow<'a, str>,
+    #[serde(borrow)]
+    pub risk_tier: Cow<'a, str>,
+    #[serde(borrow)]
+    pub since: Cow<'a, str>,
+    #[serde(borrow)]
+    pub email_hash: Cow<'a, str>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct TerminalRef<'a> {
+    #[serde(borrow)]
+    pub id: Cow<'a, str>,
+    #[serde(borrow, rename = "type")]
+    pub kind: Cow<'a, str>,
+    #[serde(borrow)]
+    pub entry_mode: Cow<'a, str>,
+    #[serde(borrow)]
+    pub address: Cow<'a, str>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct MetadataRef<'a> {
+    #[serde(borrow)]
+    pub source: Cow<'a, str>,
+    #[serde(borrow)]
+    pub schema: Cow<'a, str>,
+    #[serde(borrow)]
+    pub trace: Cow<'a, str>,
+    #[serde(borrow)]
+    pub tags: Vec<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub notes: Cow<'a, str>,
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_fixed_transaction_reads_as_both_whole_payload_types() {
+        let text = card_transaction(42);
+        assert!((900..1300).contains(&text.len()), "{}", text.len());
+        let owned: FullTransaction = serde_json::from_str(&text).unwrap();
+        let borrowed: FullTransactionRef<'_> = serde_json::from_str(&text).unwrap();
+        assert_eq!(owned.card_id, borrowed.card_id);
+        assert_eq!(owned.amount, borrowed.amount);
+        assert_eq!(borrowed.terminal.kind, "chip");
+        assert!(matches!(borrowed.device.user_agent, Cow::Borrowed(_)));
+        assert_eq!(owned.metadata.tags.len(), 4);
+    }
+
+    #[test]
+    fn the_generator_is_deterministic_for_a_seed() {
+        let options = GeneratorOptions {
+            cards: 100,
+            poison_share: 0.05,
+            fraud_share: 0.05,
+            blocked_merchant: "m-blocked".to_owned(),
+            seed: 3,
+        };
+        let run = || {
+            let mut generator = TransactionGenerator::new(options.clone());
+            (0..200)
+                .map(|i| generator.next_record(i * 100).data)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(run(), run());
     }
 }

@@ -26,7 +26,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::borrow::Cow;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -36,69 +35,15 @@ use shardwise::testing::{event_json, plain, sequence_number};
 use shardwise::{
     HandlerError, InMemoryDeadLetterSink, Invocation, Json, Processor, Record, RecordHandler,
 };
-use shardwise_cards::generator::card_transaction;
+use shardwise_cards::generator::{
+    FullTransaction as Transaction, FullTransactionRef as TransactionRef, card_transaction,
+};
 
-/// What the naive path deserializes: the whole transaction, owned, as its producer wrote it
-/// (`shardwise_cards::generator::card_transaction`).
-#[allow(dead_code)]
-#[derive(Deserialize)]
-struct Transaction {
-    transaction_id: String,
-    card_id: String,
-    merchant_id: String,
-    merchant_category: String,
-    amount: f64,
-    currency: String,
-    country: String,
-    lat: f64,
-    lon: f64,
-    timestamp: String,
-    channel: String,
-    device: Device,
-    customer: Customer,
-    terminal: Terminal,
-    metadata: Metadata,
-}
+// The naive path deserializes `Transaction`: the whole transaction, owned, as its producer
+// wrote it (`shardwise_cards::generator::card_transaction`); the full Shardwise path borrows
+// all of it (`TransactionRef`, `Cow` because a producer may escape any string).
 
-#[allow(dead_code)]
-#[derive(Deserialize)]
-struct Device {
-    id: String,
-    ip: String,
-    user_agent: String,
-}
-
-#[allow(dead_code)]
-#[derive(Deserialize)]
-struct Customer {
-    id: String,
-    segment: String,
-    risk_tier: String,
-    since: String,
-    email_hash: String,
-}
-
-#[allow(dead_code)]
-#[derive(Deserialize)]
-struct Terminal {
-    id: String,
-    #[serde(rename = "type")]
-    kind: String,
-    entry_mode: String,
-    address: String,
-}
-
-#[allow(dead_code)]
-#[derive(Deserialize)]
-struct Metadata {
-    source: String,
-    schema: String,
-    trace: String,
-    tags: Vec<String>,
-    notes: String,
-}
-
-/// The lean naive payload: the top-level scalars only, owned; serde skips the nested objects.
+/// The naive lean path: only the eleven top-level scalars, owned; serde skips the nested objects.
 #[allow(dead_code)]
 #[derive(Deserialize)]
 struct LeanTransaction {
@@ -120,94 +65,6 @@ struct LeanTransaction {
 struct CardAmount<'a> {
     card_id: &'a str,
     amount: f64,
-}
-
-/// The whole transaction, borrowed from the record: what a handler that reads most of it
-/// declares. `Cow` because a producer may escape any string.
-#[allow(dead_code)]
-#[derive(Deserialize)]
-struct TransactionRef<'a> {
-    #[serde(borrow)]
-    transaction_id: Cow<'a, str>,
-    #[serde(borrow)]
-    card_id: Cow<'a, str>,
-    #[serde(borrow)]
-    merchant_id: Cow<'a, str>,
-    #[serde(borrow)]
-    merchant_category: Cow<'a, str>,
-    amount: f64,
-    #[serde(borrow)]
-    currency: Cow<'a, str>,
-    #[serde(borrow)]
-    country: Cow<'a, str>,
-    lat: f64,
-    lon: f64,
-    #[serde(borrow)]
-    timestamp: Cow<'a, str>,
-    #[serde(borrow)]
-    channel: Cow<'a, str>,
-    #[serde(borrow)]
-    device: DeviceRef<'a>,
-    #[serde(borrow)]
-    customer: CustomerRef<'a>,
-    #[serde(borrow)]
-    terminal: TerminalRef<'a>,
-    #[serde(borrow)]
-    metadata: MetadataRef<'a>,
-}
-
-#[allow(dead_code)]
-#[derive(Deserialize)]
-struct DeviceRef<'a> {
-    #[serde(borrow)]
-    id: Cow<'a, str>,
-    #[serde(borrow)]
-    ip: Cow<'a, str>,
-    #[serde(borrow)]
-    user_agent: Cow<'a, str>,
-}
-
-#[allow(dead_code)]
-#[derive(Deserialize)]
-struct CustomerRef<'a> {
-    #[serde(borrow)]
-    id: Cow<'a, str>,
-    #[serde(borrow)]
-    segment: Cow<'a, str>,
-    #[serde(borrow)]
-    risk_tier: Cow<'a, str>,
-    #[serde(borrow)]
-    since: Cow<'a, str>,
-    #[serde(borrow)]
-    email_hash: Cow<'a, str>,
-}
-
-#[allow(dead_code)]
-#[derive(Deserialize)]
-struct TerminalRef<'a> {
-    #[serde(borrow)]
-    id: Cow<'a, str>,
-    #[serde(rename = "type", borrow)]
-    kind: Cow<'a, str>,
-    #[serde(borrow)]
-    entry_mode: Cow<'a, str>,
-    #[serde(borrow)]
-    address: Cow<'a, str>,
-}
-
-#[allow(dead_code)]
-#[derive(Deserialize)]
-struct MetadataRef<'a> {
-    #[serde(borrow)]
-    source: Cow<'a, str>,
-    #[serde(borrow)]
-    schema: Cow<'a, str>,
-    #[serde(borrow)]
-    trace: Cow<'a, str>,
-    #[serde(borrow)]
-    tags: Vec<Cow<'a, str>>,
-    #[serde(borrow)]
-    notes: Cow<'a, str>,
 }
 
 struct SumAmounts;

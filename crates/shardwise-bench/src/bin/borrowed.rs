@@ -6,7 +6,7 @@
 use std::hint::black_box;
 
 use shardwise::{HandlerError, Json, Processor, ProcessorConfig, Record, RecordHandler};
-use shardwise_bench::BorrowedTransaction;
+use shardwise_cards::generator::FullTransactionRef as BorrowedTransaction;
 
 struct SumAmounts;
 

@@ -7,7 +7,7 @@ use std::hint::black_box;
 use aws_lambda_events::event::kinesis::KinesisEvent;
 use aws_lambda_events::event::streams::KinesisEventResponse;
 use lambda_runtime::{Error, LambdaEvent, service_fn};
-use shardwise_bench::Transaction;
+use shardwise_cards::generator::FullTransaction as Transaction;
 
 async fn handle(event: LambdaEvent<KinesisEvent>) -> Result<KinesisEventResponse, Error> {
     let mut sum = 0.0;
