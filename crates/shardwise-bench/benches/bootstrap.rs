@@ -28,7 +28,8 @@
 //! # How it is measured
 //! Per size, one fresh process per bootstrap. Each answers one invocation (its start-up is taken
 //! then) and a few warm-up invocations, whose CPU (`/proc/<pid>/task/*/schedstat`) sets how many
-//! invocations give it about `BENCH_SECONDS` (default 2.5) of CPU, so that the 10 ms tick of
+//! invocations give it about `BENCH_SECONDS` (default 2.5) of CPU (`BENCH_RECORDS=1,100` picks
+//! other event sizes), so that the 10 ms tick of
 //! `/proc/<pid>/stat` is under 1% of the figure. Then the bootstraps take turns in rounds
 //! (order rotated each round) so that all see the same machine load; a process waiting on
 //! `/next` uses no CPU, so its counters read before the first round and after the last one
@@ -270,7 +271,20 @@ async fn main() {
             .unwrap_or(2.5);
         Duration::from_secs_f64(seconds)
     };
-    let sizes: &[usize] = if smoke { &[10] } else { &[100, 1000, 3000] };
+    // `BENCH_RECORDS=1,100` measures other event sizes (a 1-record event shows the fixed cost of
+    // an invocation).
+    let sizes: Vec<usize> = match std::env::var("BENCH_RECORDS") {
+        Ok(list) if !smoke => list
+            .split(',')
+            .map(|n| {
+                n.trim()
+                    .parse()
+                    .expect("BENCH_RECORDS: whole numbers, comma-separated")
+            })
+            .collect(),
+        _ if smoke => vec![10],
+        _ => vec![100, 1000, 3000],
+    };
     let ticks_per_second = rustix::param::clock_ticks_per_second() as f64;
     let began = Instant::now();
 
@@ -283,7 +297,7 @@ async fn main() {
         }
     }
     let mut rows = Vec::new();
-    for &records in sizes {
+    for &records in &sizes {
         let event = make_event(records);
         let mut cells = Vec::new();
         for (bootstrap, startups) in BOOTSTRAPS.iter().zip(&mut startups) {
