@@ -55,8 +55,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use shardwise::testing::{event_json, plain, sequence_number};
-use shardwise_cards::generator::card_transaction;
+use shardwise_cards::generator::card_transaction_event;
 use shardwise_local::function::{FunctionSpec, InvokeOutcome, ProcessPool};
 
 struct Bootstrap {
@@ -85,17 +84,7 @@ const ROUNDS: usize = 5;
 const EXTRA_STARTS: usize = 5;
 
 fn make_event(records: usize) -> Vec<u8> {
-    let records: Vec<_> = (0..records as u64)
-        .map(|n| {
-            let tx = card_transaction(n);
-            plain(
-                &format!("card-{:06}", n % 5000),
-                &sequence_number(n),
-                tx.as_bytes(),
-            )
-        })
-        .collect();
-    event_json(&records).into_bytes()
+    card_transaction_event(records).into_bytes()
 }
 
 fn spec(bootstrap: &Bootstrap) -> FunctionSpec {

@@ -12,3 +12,22 @@
 //! `aws_lambda_events` declares it (the struct of `crates/shardwise/benches/pipeline.rs`);
 //! `FullTransactionRef` borrowing every string from the decoded record data, which is what a
 //! Shardwise handler can do because the record data outlives the handler call.
+
+use shardwise::{Processor, ProcessorConfig, RecordHandler};
+
+/// What both Shardwise bootstraps' `main` does, as a real function's does: SDK configuration and
+/// SQS client at start (no call is made: nothing is dead-lettered), then `shardwise::run`.
+pub async fn serve<H>(handler: H) -> anyhow::Result<()>
+where
+    H: for<'d> RecordHandler<'d>,
+{
+    let sdk = shardwise_aws::sdk_config(None).await;
+    let queue_url = std::env::var("DEAD_LETTER_QUEUE_URL")?;
+    let dead_letters =
+        shardwise_aws::SqsDeadLetterSink::new(aws_sdk_sqs::Client::new(&sdk), queue_url);
+    let processor = Processor::per_record(handler, dead_letters).config(ProcessorConfig {
+        metrics_namespace: "Bench".to_owned(),
+        ..ProcessorConfig::default()
+    });
+    Ok(shardwise::run(processor).await?)
+}

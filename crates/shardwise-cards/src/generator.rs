@@ -12,6 +12,7 @@ use rand::{Rng, SeedableRng};
 use serde::Deserialize;
 use serde_json::json;
 use shardwise::producer::ProducerRecord;
+use shardwise::testing::{event_json, plain, sequence_number};
 
 /// What [`TransactionGenerator`] produces.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,6 +70,22 @@ const PLACES: [(&str, f64, f64); 6] = [
     ("BR", -23.55, -46.63),
     ("AU", -33.86, 151.20),
 ];
+
+/// A Lambda Kinesis event of `records` [`card_transaction`]s on 5,000 cards (partition keys), as
+/// the benchmarks decode it.
+pub fn card_transaction_event(records: usize) -> String {
+    let records: Vec<_> = (0..records as u64)
+        .map(|n| {
+            let tx = card_transaction(n);
+            plain(
+                &format!("card-{:06}", n % 5000),
+                &sequence_number(n),
+                tx.as_bytes(),
+            )
+        })
+        .collect();
+    event_json(&records)
+}
 
 /// Synthetic card transactions, deterministic for a seed: ordinary traffic, fraud patterns and
 /// poison records, as `shardwise loadgen`, the demo and the chaos tests send them.

@@ -31,12 +31,11 @@ use std::time::{Duration, Instant};
 
 use aws_lambda_events::event::kinesis::KinesisEvent as NaiveEvent;
 use serde::Deserialize;
-use shardwise::testing::{event_json, plain, sequence_number};
 use shardwise::{
     HandlerError, InMemoryDeadLetterSink, Invocation, Json, Processor, Record, RecordHandler,
 };
 use shardwise_cards::generator::{
-    FullTransaction as Transaction, FullTransactionRef as TransactionRef, card_transaction,
+    FullTransaction as Transaction, FullTransactionRef as TransactionRef, card_transaction_event,
 };
 
 // The naive path deserializes `Transaction`: the whole transaction, owned, as its producer
@@ -94,17 +93,7 @@ impl<'d> RecordHandler<'d> for ReadAll {
 }
 
 fn make_event(records: usize) -> String {
-    let records: Vec<_> = (0..records as u64)
-        .map(|n| {
-            let tx = card_transaction(n);
-            plain(
-                &format!("card-{:06}", n % 5000),
-                &sequence_number(n),
-                tx.as_bytes(),
-            )
-        })
-        .collect();
-    event_json(&records)
+    card_transaction_event(records)
 }
 
 /// The naive path, with `T` as the payload type. `amount` is what both payload types share.

@@ -5,7 +5,7 @@
 
 use std::hint::black_box;
 
-use shardwise::{HandlerError, Json, Processor, ProcessorConfig, Record, RecordHandler};
+use shardwise::{HandlerError, Json, Record, RecordHandler};
 use shardwise_cards::generator::FullTransactionRef as BorrowedTransaction;
 
 struct SumAmounts;
@@ -25,13 +25,5 @@ impl<'d> RecordHandler<'d> for SumAmounts {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
-    let sdk = shardwise_aws::sdk_config(None).await;
-    let queue_url = std::env::var("DEAD_LETTER_QUEUE_URL")?;
-    let dead_letters =
-        shardwise_aws::SqsDeadLetterSink::new(aws_sdk_sqs::Client::new(&sdk), queue_url);
-    let processor = Processor::per_record(SumAmounts, dead_letters).config(ProcessorConfig {
-        metrics_namespace: "Bench".to_owned(),
-        ..ProcessorConfig::default()
-    });
-    Ok(shardwise::run(processor).await?)
+    shardwise_bench::serve(SumAmounts).await
 }

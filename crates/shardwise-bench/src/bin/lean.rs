@@ -7,7 +7,7 @@
 use std::hint::black_box;
 
 use serde::Deserialize;
-use shardwise::{HandlerError, Json, Processor, ProcessorConfig, Record, RecordHandler};
+use shardwise::{HandlerError, Json, Record, RecordHandler};
 
 #[derive(Deserialize)]
 struct CardAmount<'a> {
@@ -28,13 +28,5 @@ impl<'d> RecordHandler<'d> for SumAmounts {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
-    let sdk = shardwise_aws::sdk_config(None).await;
-    let queue_url = std::env::var("DEAD_LETTER_QUEUE_URL")?;
-    let dead_letters =
-        shardwise_aws::SqsDeadLetterSink::new(aws_sdk_sqs::Client::new(&sdk), queue_url);
-    let processor = Processor::per_record(SumAmounts, dead_letters).config(ProcessorConfig {
-        metrics_namespace: "Bench".to_owned(),
-        ..ProcessorConfig::default()
-    });
-    Ok(shardwise::run(processor).await?)
+    shardwise_bench::serve(SumAmounts).await
 }
