@@ -10,9 +10,11 @@
 //!   through (DynamoDB with feature `aws`, SQLite with feature `local`, memory for tests);
 //! - [`generator`]: the synthetic traffic the local runner's `loadgen`, the demo, the
 //!   benchmarks and the tests send;
+//! - [`bench`]: the handlers both benchmarks run, so they measure the same work;
 //! - `start` (feature `aws`): the start-up every example function shares (settings, logging,
 //!   the AWS or local backend).
 
+pub mod bench;
 pub mod canary;
 pub mod generator;
 #[cfg(feature = "aws")]

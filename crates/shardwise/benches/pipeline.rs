@@ -31,9 +31,8 @@ use std::time::{Duration, Instant};
 
 use aws_lambda_events::event::kinesis::KinesisEvent as NaiveEvent;
 use serde::Deserialize;
-use shardwise::{
-    HandlerError, InMemoryDeadLetterSink, Invocation, Json, Processor, Record, RecordHandler,
-};
+use shardwise::{InMemoryDeadLetterSink, Invocation, Json, Processor, RecordHandler};
+use shardwise_cards::bench::{CardAmount, ReadCardAmount, ReadWholeTransaction};
 use shardwise_cards::generator::{
     FullTransaction as Transaction, FullTransactionRef as TransactionRef, card_transaction_event,
 };
@@ -57,39 +56,6 @@ struct LeanTransaction {
     lon: f64,
     timestamp: String,
     channel: String,
-}
-
-/// What a handler that scores amounts per card reads: borrowed, only the fields it uses.
-#[derive(Deserialize)]
-struct CardAmount<'a> {
-    card_id: &'a str,
-    amount: f64,
-}
-
-struct SumAmounts;
-
-impl<'d> RecordHandler<'d> for SumAmounts {
-    type Payload = Json<CardAmount<'d>>;
-
-    async fn handle(&self, _: &Record<'d>, tx: &Json<CardAmount<'d>>) -> Result<(), HandlerError> {
-        black_box((tx.card_id.len(), tx.amount));
-        Ok(())
-    }
-}
-
-struct ReadAll;
-
-impl<'d> RecordHandler<'d> for ReadAll {
-    type Payload = Json<TransactionRef<'d>>;
-
-    async fn handle(
-        &self,
-        _: &Record<'d>,
-        tx: &Json<TransactionRef<'d>>,
-    ) -> Result<(), HandlerError> {
-        black_box((tx.card_id.len(), tx.amount, tx.metadata.tags.len()));
-        Ok(())
-    }
 }
 
 fn make_event(records: usize) -> String {
@@ -163,7 +129,7 @@ fn peak_rss_child() {
         .enable_all()
         .build()
         .unwrap();
-    let processor = Processor::per_record(SumAmounts, InMemoryDeadLetterSink::new());
+    let processor = Processor::per_record(ReadCardAmount, InMemoryDeadLetterSink::new());
     let bytes = shardwise_path(
         &runtime,
         &processor,
@@ -191,8 +157,8 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let processor = Processor::per_record(SumAmounts, InMemoryDeadLetterSink::new());
-    let processor_full = Processor::per_record(ReadAll, InMemoryDeadLetterSink::new());
+    let processor = Processor::per_record(ReadCardAmount, InMemoryDeadLetterSink::new());
+    let processor_full = Processor::per_record(ReadWholeTransaction, InMemoryDeadLetterSink::new());
     let invocation = Invocation::unbounded("bench");
     let args: Vec<String> = std::env::args().collect();
     // `--only-shardwise` skips the naive path, for profiling ours alone, and prints the minor

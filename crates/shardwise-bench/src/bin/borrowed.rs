@@ -3,27 +3,7 @@
 
 #![recursion_limit = "256"]
 
-use std::hint::black_box;
-
-use shardwise::{HandlerError, Json, Record, RecordHandler};
-use shardwise_cards::generator::FullTransactionRef as BorrowedTransaction;
-
-struct SumAmounts;
-
-impl<'d> RecordHandler<'d> for SumAmounts {
-    type Payload = Json<BorrowedTransaction<'d>>;
-
-    async fn handle(
-        &self,
-        _: &Record<'d>,
-        tx: &Json<BorrowedTransaction<'d>>,
-    ) -> Result<(), HandlerError> {
-        black_box((tx.card_id.len(), tx.amount));
-        Ok(())
-    }
-}
-
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
-    shardwise_bench::serve(SumAmounts).await
+    shardwise_bench::serve(shardwise_cards::bench::ReadWholeTransaction).await
 }
