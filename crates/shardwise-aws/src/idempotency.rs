@@ -295,10 +295,25 @@ impl IdempotencyStore for DynamoDbIdempotencyStore {
             let put = Put::builder()
                 .table_name(&self.table)
                 .set_item(Some(to_item(claim)))
-                .condition_expression("attribute_not_exists(#id) OR #expiration <= :now")
+                // Our own lock is ours to take again: a claim whose answer was lost (a timeout
+                // after DynamoDB applied it) must not defer its own record.
+                .condition_expression(
+                    "attribute_not_exists(#id) OR #expiration <= :now \
+                     OR (#status = :in_progress AND #request = :request)",
+                )
                 .expression_attribute_names("#id", ID)
                 .expression_attribute_names("#expiration", EXPIRATION)
+                .expression_attribute_names("#status", STATUS)
+                .expression_attribute_names("#request", REQUEST_ID)
                 .expression_attribute_values(":now", now.clone())
+                .expression_attribute_values(
+                    ":in_progress",
+                    AttributeValue::S(IN_PROGRESS.to_owned()),
+                )
+                .expression_attribute_values(
+                    ":request",
+                    AttributeValue::S(claim.request_id.clone().unwrap_or_default()),
+                )
                 .build()
                 .map_err(rejected)?;
             actions.push(TransactWriteItem::builder().put(put).build());

@@ -481,7 +481,10 @@ impl ShardWorker {
             if self.stopped() {
                 return Err(Interrupted);
             }
-            let payload = self.event(&[], Some(&open), true, early);
+            // An early end is a segment's, not the window's: the same window goes on with a
+            // fresh state, so the invoke is not the window's final one (the two flags are never
+            // set together, as in AWS's events).
+            let payload = self.event(&[], Some(&open), !early, early);
             MappingStats::add(&self.mapping.stats.invokes, 1);
             let outcome = self.mapping.invoker.invoke(payload).await;
             match outcome {
@@ -546,6 +549,9 @@ impl ShardWorker {
                         let rest = batch.split_off(expired);
                         self.discard(&batch, "RecordAgeExceeded", None, attempts)
                             .await;
+                        // Past the dropped records, as after any discard: a restart must not
+                        // send their on-failure record again.
+                        self.after_discard(&batch, checkpoint_each, window.as_deref())?;
                         batch = rest;
                         if batch.is_empty() {
                             break;
@@ -553,6 +559,14 @@ impl ShardWorker {
                     }
                 }
                 let payload = self.event(&batch, window.as_deref(), false, false);
+                // Batches were cut with the state's size when the lane started; a state that grew
+                // since can push an event past the 6 MB invoke limit, so such a batch is halved
+                // first, as Lambda sizes each batch with the state it sends.
+                if payload.len() > self.mapping.settings.max_payload_bytes && batch.len() > 1 {
+                    let second = batch.split_off(batch.len() / 2);
+                    queue.push_front((second, attempts));
+                    continue;
+                }
                 if let Some(last) = batch.last() {
                     stats.iterator_age_ms.store(
                         now_ms() - last.arrival_ms,
@@ -585,6 +599,9 @@ impl ShardWorker {
                         self.acknowledge(&batch, checkpoint_each, window.as_deref());
                         if let (Some(w), Some(state)) = (window.as_deref_mut(), state) {
                             w.state = state;
+                            // A state returned with failures is committed too, so it is held
+                            // to the same limit as one returned on success.
+                            self.check_state_size(w).await?;
                         }
                         if checkpoint_each {
                             self.save(window.as_deref()).map_err(|_| Interrupted)?;

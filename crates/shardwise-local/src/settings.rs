@@ -219,6 +219,29 @@ fn number<T: std::str::FromStr>(
     .transpose()
 }
 
+/// A number within the range Lambda accepts for a Kinesis event source mapping: out of range is
+/// an error here, as `CreateEventSourceMapping` refuses it, so a template that would fail to
+/// deploy never runs locally. `-1` passes where Lambda documents it (`infinite`).
+fn ranged(
+    text: Option<String>,
+    what: &str,
+    range: std::ops::RangeInclusive<i64>,
+    infinite: bool,
+) -> Result<Option<i64>, TemplateError> {
+    let Some(value) = number::<i64>(text, what)? else {
+        return Ok(None);
+    };
+    if range.contains(&value) || (infinite && value == -1) {
+        return Ok(Some(value));
+    }
+    Err(TemplateError::Invalid(format!(
+        "{what}: {value} is out of range; Lambda accepts {}–{}{}",
+        range.start(),
+        range.end(),
+        if infinite { ", or -1 for infinite" } else { "" }
+    )))
+}
+
 /// Read every Kinesis-triggered function of a SAM template.
 pub fn read_template(path: &Path) -> Result<Vec<TemplateFunction>, TemplateError> {
     let text = std::fs::read_to_string(path).map_err(|e| TemplateError::Read {
@@ -269,17 +292,25 @@ pub fn parse_template(text: &str) -> Result<Vec<TemplateFunction>, TemplateError
         let p = kinesis.get("Properties");
         let get = |key: &str| resolver.scalar(p.and_then(|p| p.get(key)));
         let mut mapping = MappingSettings::default();
-        if let Some(v) = number(get("BatchSize"), "BatchSize")? {
-            mapping.batch_size = v;
+        if let Some(v) = ranged(get("BatchSize"), "BatchSize", 1..=10_000, false)? {
+            mapping.batch_size = usize::try_from(v).unwrap_or(mapping.batch_size);
         }
-        if let Some(v) = number::<u64>(
+        if let Some(v) = ranged(
             get("MaximumBatchingWindowInSeconds"),
             "MaximumBatchingWindowInSeconds",
+            0..=300,
+            false,
         )? {
-            mapping.batching_window = Duration::from_secs(v);
+            mapping.batching_window = Duration::from_secs(v.unsigned_abs());
         }
-        if let Some(v) = number(get("ParallelizationFactor"), "ParallelizationFactor")? {
-            mapping.parallelization_factor = v;
+        if let Some(v) = ranged(
+            get("ParallelizationFactor"),
+            "ParallelizationFactor",
+            1..=10,
+            false,
+        )? {
+            mapping.parallelization_factor =
+                u32::try_from(v).unwrap_or(mapping.parallelization_factor);
         }
         if let Some(position) = get("StartingPosition") {
             let timestamp = number::<f64>(
@@ -290,12 +321,19 @@ pub fn parse_template(text: &str) -> Result<Vec<TemplateFunction>, TemplateError
                 StartingPosition::parse(&position, timestamp).map_err(TemplateError::Invalid)?;
         }
         mapping.bisect_on_error = get("BisectBatchOnFunctionError").as_deref() == Some("true");
-        if let Some(v) = number::<i64>(get("MaximumRetryAttempts"), "MaximumRetryAttempts")? {
+        if let Some(v) = ranged(
+            get("MaximumRetryAttempts"),
+            "MaximumRetryAttempts",
+            0..=10_000,
+            true,
+        )? {
             mapping.max_retry_attempts = u32::try_from(v).ok();
         }
-        if let Some(v) = number::<i64>(
+        if let Some(v) = ranged(
             get("MaximumRecordAgeInSeconds"),
             "MaximumRecordAgeInSeconds",
+            60..=604_800,
+            true,
         )? {
             mapping.max_record_age = u64::try_from(v).ok().map(Duration::from_secs);
         }
@@ -307,8 +345,13 @@ pub fn parse_template(text: &str) -> Result<Vec<TemplateFunction>, TemplateError
                     .iter()
                     .any(|t| t.as_str() == Some("ReportBatchItemFailures"))
             });
-        if let Some(v) = number::<u64>(get("TumblingWindowInSeconds"), "TumblingWindowInSeconds")? {
-            mapping.tumbling_window = (v > 0).then(|| Duration::from_secs(v));
+        if let Some(v) = ranged(
+            get("TumblingWindowInSeconds"),
+            "TumblingWindowInSeconds",
+            0..=900,
+            false,
+        )? {
+            mapping.tumbling_window = (v > 0).then(|| Duration::from_secs(v.unsigned_abs()));
         }
         mapping.on_failure = p
             .and_then(|p| p.get("DestinationConfig"))

@@ -148,8 +148,10 @@ impl IdempotencyStore for SqliteIdempotencyStore {
                 for claim in claims {
                     let live: Option<i64> = tx
                         .query_row(
-                            "SELECT expires_at FROM idempotency WHERE key = ?1 AND expires_at > ?2",
-                            params![claim.key, now_s],
+                            // A live lock of the same invocation is its own, to take again.
+                            "SELECT expires_at FROM idempotency WHERE key = ?1 AND expires_at > ?2
+                             AND NOT (status = ?3 AND request_id IS NOT NULL AND request_id = ?4)",
+                            params![claim.key, now_s, IN_PROGRESS, claim.request_id],
                             |row| row.get(0),
                         )
                         .optional()?;

@@ -76,8 +76,13 @@ pub struct DeadLetter<'a> {
 }
 
 impl DeadLetter<'_> {
-    /// The message body: with the payload when it fits `max_bytes`, else without it.
-    pub fn to_body(&self, max_bytes: usize) -> Result<String, serde_json::Error> {
+    /// The message body, always within `max_bytes`: with the payload when it fits; else without
+    /// it (`dataTruncated`); else, when the error message alone is too long (a handler's error
+    /// may quote the payload), with the message cut to fit and marked so. What identifies the
+    /// record (stream, shard, sequence numbers, partition key) is never cut: with it the record
+    /// can be re-read from the stream. Fails only when even that does not fit, which no record
+    /// Kinesis delivered can cause (its identity is a few hundred bytes).
+    pub fn to_body(&self, max_bytes: usize) -> Result<String, BodyError> {
         let body = serde_json::to_string(self)?;
         if body.len() <= max_bytes {
             return Ok(body);
@@ -85,8 +90,67 @@ impl DeadLetter<'_> {
         let mut stripped = self.clone();
         stripped.data = None;
         stripped.data_truncated = true;
-        serde_json::to_string(&stripped)
+        let body = serde_json::to_string(&stripped)?;
+        if body.len() <= max_bytes {
+            return Ok(body);
+        }
+        let message = std::mem::take(&mut stripped.error.message);
+        let bare = serde_json::to_string(&stripped)?.len();
+        stripped.error.message = fit_message(&message, max_bytes.saturating_sub(bare));
+        let body = serde_json::to_string(&stripped)?;
+        if body.len() <= max_bytes {
+            Ok(body)
+        } else {
+            Err(BodyError::TooLarge {
+                bytes: bare,
+                limit: max_bytes,
+            })
+        }
     }
+}
+
+/// Why a dead letter has no body that SQS would take.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BodyError {
+    #[error("dead letter could not be serialized: {0}")]
+    Serialize(#[from] serde_json::Error),
+    #[error(
+        "dead letter is {bytes} bytes without its payload and error message, over the \
+         {limit}-byte message limit"
+    )]
+    TooLarge { bytes: usize, limit: usize },
+}
+
+/// `message` cut to fit `budget` bytes once serialized as a JSON string (quotes and escapes
+/// included), with a note of its full length when cut. Empty when not even the note fits.
+pub fn fit_message(message: &str, budget: usize) -> String {
+    let encoded = |text: &str| serde_json::to_string(text).map_or(usize::MAX, |s| s.len());
+    if encoded(message) <= budget {
+        return message.to_owned();
+    }
+    let note = format!(" [truncated: {} bytes in all]", message.len());
+    let Some(room) = budget.checked_sub(encoded(&note)) else {
+        return String::new();
+    };
+    // The longest prefix whose escaped form fits: escaping only grows text, so count as we go.
+    let mut used = 0;
+    let mut end = 0;
+    for (at, c) in message.char_indices() {
+        let width = match c {
+            '"' | '\\' | '\n' | '\r' | '\t' | '\u{8}' | '\u{c}' => 2,
+            c if u32::from(c) < 0x20 => 6,
+            c => c.len_utf8(),
+        };
+        if used + width > room {
+            break;
+        }
+        used += width;
+        end = at + c.len_utf8();
+    }
+    let mut cut = message[..end].to_owned();
+    cut.push_str(&note);
+    cut
 }
 
 /// One message of a `SendMessageBatch` call.
@@ -141,8 +205,8 @@ pub trait DeadLetterSink: Send + Sync {
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum PublishError {
-    #[error("dead letter could not be serialized: {0}")]
-    Serialize(String),
+    #[error("{0}")]
+    Body(String),
     #[error("dead-letter queue rejected the message: {0}")]
     Rejected(String),
     #[error(
@@ -182,8 +246,9 @@ impl<S: DeadLetterSink> DeadLetterPublisher<S> {
         self.sink
     }
 
-    /// Deliver `letters`; the result for each is in the same position. Gives up on retries that
-    /// would wait past `cutoff`.
+    /// Deliver `letters`; the result for each is in the same position. Nothing runs past
+    /// `cutoff`: no retry waits beyond it, and a call still in flight at it is abandoned (its
+    /// letters count as not delivered, and may yet arrive: a duplicate, never a loss).
     pub async fn publish(
         &self,
         letters: &[DeadLetter<'_>],
@@ -200,16 +265,19 @@ impl<S: DeadLetterSink> DeadLetterPublisher<S> {
                         body,
                     });
                 }
-                Err(e) => results.push(Err(PublishError::Serialize(e.to_string()))),
+                Err(e) => results.push(Err(PublishError::Body(e.to_string()))),
             }
         }
         let mut attempt = 0u32;
         while !pending.is_empty() {
             attempt += 1;
             let chunks = self.chunk(std::mem::take(&mut pending));
-            let sent =
-                futures::future::join_all(chunks.iter().map(|chunk| self.sink.send_batch(chunk)))
-                    .await;
+            let sent = futures::future::join_all(
+                chunks
+                    .iter()
+                    .map(|chunk| bounded(self.sink.send_batch(chunk), cutoff)),
+            )
+            .await;
             let mut last_error = String::new();
             for (chunk, outcome) in chunks.into_iter().zip(sent) {
                 match outcome {
@@ -285,6 +353,24 @@ impl<S: DeadLetterSink> DeadLetterPublisher<S> {
         chunks
     }
 }
+
+/// A sink call that gives up at `cutoff`.
+pub(crate) async fn bounded(
+    call: impl Future<Output = Result<Vec<EntryFailure>, SinkError>>,
+    cutoff: Option<Instant>,
+) -> Result<Vec<EntryFailure>, SinkError> {
+    match cutoff {
+        None => call.await,
+        Some(at) => tokio::time::timeout_at(at, call)
+            .await
+            .unwrap_or_else(|_| Err(SinkError::new(CallAbandoned))),
+    }
+}
+
+/// A sink call still running at the invocation's cut-off.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("dead-letter queue call still running at the invocation's cut-off: abandoned")]
+pub struct CallAbandoned;
 
 fn index_of(id: &str) -> Option<usize> {
     id.parse().ok()

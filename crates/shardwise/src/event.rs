@@ -170,13 +170,19 @@ impl DecodedBatch {
         self.aggregates.clear();
         self.arena.reserve(capacity);
         self.decoded.reserve(records.len());
+        // One budget for the whole event: many aggregates must not add up to what one may not.
+        let mut budget = kpl::ExpansionBudget::event();
         for record in records {
-            let decoded = self.decode_one(record);
+            let decoded = self.decode_one(record, &mut budget);
             self.decoded.push(decoded);
         }
     }
 
-    fn decode_one(&mut self, record: &EventRecord<'_>) -> Decoded {
+    fn decode_one(
+        &mut self,
+        record: &EventRecord<'_>,
+        budget: &mut kpl::ExpansionBudget,
+    ) -> Decoded {
         let start = self.arena.len();
         if let Err(error) =
             base64_simd::STANDARD.decode_append(record.kinesis.data.as_bytes(), &mut self.arena)
@@ -190,7 +196,7 @@ impl DecodedBatch {
             });
         }
         let end = self.arena.len();
-        let result = kpl::deaggregate(&self.arena[start..end]);
+        let result = kpl::deaggregate_within(&self.arena[start..end], budget);
         if !matches!(result, Ok(None)) {
             // The aggregate's user records are owned; its bytes are no longer needed.
             self.arena.truncate(start);

@@ -72,6 +72,14 @@ pub trait RecordGate: Send + Sync {
         context: &GateContext<'_>,
     ) -> impl Future<Output = Vec<Admission>> + Send;
 
+    /// Whether an [`Admission::AlreadyDone`] always means *this very record* took effect (a key
+    /// that names the record's place in the stream), rather than possibly another record with
+    /// the same key. A layer that keeps effects elsewhere (the window state) then needs no
+    /// completion written for a record whose effect it holds itself.
+    fn identifies_records(&self) -> bool {
+        false
+    }
+
     /// `settled[i]` is `Some` for each record that was admitted with [`Admission::Run`]. Returns
     /// one result per record (`Ok` for those with `None`).
     fn settle(

@@ -103,6 +103,36 @@ pub const MAX_USER_RECORDS: usize = 1_000_000;
 /// Lambda function's memory.
 pub const MAX_DEAGGREGATED_BYTES: usize = 64 * 1024 * 1024;
 
+/// What one user record costs in memory besides its keys and payload: the decoded record, its
+/// view, its state and outcome in the processor (measured: about 550 bytes for an empty user
+/// record with a shared 256-byte key, key copy included).
+pub const USER_RECORD_OVERHEAD_BYTES: usize = 512;
+
+/// Most bytes (keys, payloads and [`USER_RECORD_OVERHEAD_BYTES`] per user record) all the
+/// aggregates of one event may expand to. A 6 MB event that expands past it is hostile or
+/// broken: a function with 512 MB must survive it, so the aggregate that crosses the line fails.
+pub const MAX_EVENT_EXPANDED_BYTES: usize = 128 * 1024 * 1024;
+
+/// What the aggregates of one event may still expand to, in user records and bytes (per-record
+/// overhead included). [`deaggregate`] checks one aggregate alone; the event decoder passes one
+/// budget through all of an event's aggregates with [`deaggregate_within`], so that many
+/// aggregates cannot add up to what one may not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExpansionBudget {
+    pub records: usize,
+    pub bytes: usize,
+}
+
+impl ExpansionBudget {
+    /// The budget of one whole event.
+    pub fn event() -> Self {
+        Self {
+            records: MAX_USER_RECORDS,
+            bytes: MAX_EVENT_EXPANDED_BYTES,
+        }
+    }
+}
+
 /// True when `data` starts with [`KPL_MAGIC`], that is exactly when [`deaggregate`] does not
 /// return `Ok(None)`.
 ///
@@ -223,6 +253,21 @@ pub enum KplError {
         sub_sequence_number: u64,
         limit: usize,
     },
+
+    /// The aggregate would take the event's expansion past its budget (what the event's earlier
+    /// aggregates left of [`ExpansionBudget::event`]).
+    #[error(
+        "KPL aggregate of {records} user records would expand to at least {bytes} bytes in memory \
+         (keys, payloads and {USER_RECORD_OVERHEAD_BYTES} bytes per user record); the event's \
+         aggregates have {} user records and {} bytes left of their budget",
+        budget.records,
+        budget.bytes
+    )]
+    EventBudgetExceeded {
+        records: usize,
+        bytes: usize,
+        budget: ExpansionBudget,
+    },
 }
 
 impl KplError {
@@ -242,6 +287,16 @@ fn hex(bytes: &[u8]) -> String {
 /// record that does start with it yields either its user records (at least one) or an error; see
 /// the module docs for how this differs from the official deaggregators.
 pub fn deaggregate(data: &[u8]) -> Result<Option<Vec<UserRecord>>, KplError> {
+    deaggregate_within(data, &mut ExpansionBudget::event())
+}
+
+/// [`deaggregate`], spending from `budget` what the user records cost. An aggregate that would
+/// overspend it fails as a whole ([`KplError::EventBudgetExceeded`]) and spends nothing, so the
+/// records after it still decode.
+pub fn deaggregate_within(
+    data: &[u8],
+    budget: &mut ExpansionBudget,
+) -> Result<Option<Vec<UserRecord>>, KplError> {
     let Some(rest) = data.strip_prefix(&KPL_MAGIC) else {
         return Ok(None);
     };
@@ -260,6 +315,15 @@ pub fn deaggregate(data: &[u8]) -> Result<Option<Vec<UserRecord>>, KplError> {
     if counts.records == 0 {
         return Err(KplError::Empty);
     }
+    // Checked before anything is allocated for the user records.
+    let spent_at_least = counts.records.saturating_mul(USER_RECORD_OVERHEAD_BYTES);
+    if counts.records > budget.records || spent_at_least > budget.bytes {
+        return Err(KplError::EventBudgetExceeded {
+            records: counts.records,
+            bytes: spent_at_least,
+            budget: *budget,
+        });
+    }
     let tables = KeyTables::borrow(message, &counts)?;
 
     let mut users = Vec::with_capacity(counts.records);
@@ -275,8 +339,18 @@ pub fn deaggregate(data: &[u8]) -> Result<Option<Vec<UserRecord>>, KplError> {
                 &tables,
                 &mut produced,
             )?);
+            let spent = produced.saturating_add(users.len() * USER_RECORD_OVERHEAD_BYTES);
+            if spent > budget.bytes {
+                return Err(KplError::EventBudgetExceeded {
+                    records: counts.records,
+                    bytes: spent,
+                    budget: *budget,
+                });
+            }
         }
     }
+    budget.records -= users.len();
+    budget.bytes -= produced.saturating_add(users.len() * USER_RECORD_OVERHEAD_BYTES);
     Ok(Some(users))
 }
 

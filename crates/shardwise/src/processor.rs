@@ -52,7 +52,8 @@ pub struct ProcessorConfig {
     /// Handlers are usually I/O-bound, so this exceeds the 1–2 vCPUs a Lambda has.
     pub max_concurrency: usize,
     /// Time kept free before the deadline: no record starts after `deadline - margin`, running
-    /// handlers are abandoned at `deadline - margin/2`, and the rest is for dead letters and the
+    /// handlers are abandoned at `deadline - 4/5 margin`, dead letters stop at `deadline - 7/10
+    /// margin`, and the rest is for the gate's settlement (until its own margin) and the
     /// response. Never more than half the time the invocation has.
     pub deadline_margin: Duration,
     /// CloudWatch namespace of the invocation's EMF metrics.
@@ -255,6 +256,73 @@ impl BatchReport {
     }
 }
 
+/// What a layer above the processor knows about a batch that the gate and the handlers do not:
+/// which records it already accounts for, and whether each record's effect was kept. The
+/// tumbling-window layer is one: a record's effect is its contribution to the window state,
+/// which Lambda commits only with the response, and only for records before the checkpoint.
+pub(crate) trait Settling: Send {
+    /// Records already accounted for elsewhere (folded into the incoming window state):
+    /// acknowledged without running, and settled as done if the gate admitted them.
+    fn accounted(&self, _record: &Record<'_>) -> bool {
+        false
+    }
+
+    /// Called after the handlers ran and failures were dead-lettered, before the gate is told:
+    /// how each record settles, given how it ended so far.
+    fn settle_as<'r>(
+        &'r mut self,
+        records: &'r [Record<'_>],
+        settled: &'r [Settled],
+    ) -> impl Future<Output = Vec<Keep>> + Send + 'r;
+}
+
+/// How a record ended before settlement, as a [`Settling`] layer sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Settled {
+    Processed,
+    AlreadyDone,
+    DeadLettered,
+    /// To be redelivered (failed, not started, blocked).
+    HandedBack,
+}
+
+impl Settled {
+    fn of(state: &RecordState) -> Self {
+        match state {
+            RecordState::Processed { .. } => Self::Processed,
+            RecordState::AlreadyDone => Self::AlreadyDone,
+            RecordState::DeadLettered { .. } => Self::DeadLettered,
+            _ => Self::HandedBack,
+        }
+    }
+}
+
+/// How a record that ran settles with the gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Keep {
+    /// As the processor decided: done if acknowledged, released if handed back.
+    AsDecided,
+    /// Its effect is durable elsewhere (the window state Lambda commits with the response): it
+    /// stays acknowledged even when its completion cannot be written.
+    Durable { write_completion: bool },
+    /// Its effect was dropped and will be redone when Lambda redelivers it: released, even
+    /// though it is acknowledged so far.
+    Dropped,
+}
+
+/// The plain processor: every effect happens in the handler and is kept.
+pub(crate) struct KeepAll;
+
+impl Settling for KeepAll {
+    fn settle_as<'r>(
+        &'r mut self,
+        records: &'r [Record<'_>],
+        _: &'r [Settled],
+    ) -> impl Future<Output = Vec<Keep>> + Send + 'r {
+        std::future::ready(vec![Keep::AsDecided; records.len()])
+    }
+}
+
 /// Cut-off times derived from the deadline.
 #[derive(Debug, Clone, Copy)]
 pub struct Cutoffs {
@@ -277,10 +345,12 @@ impl Cutoffs {
         };
         let remaining = deadline.saturating_duration_since(Instant::now());
         let margin = margin.min(remaining / 2);
+        // Handlers stop first, then dead letters, leaving the gate's settlement (which stops
+        // at its own margin, half of this one by default) and the response the rest.
         Self {
             start: Some(deadline - margin),
-            abandon: Some(deadline - margin / 2),
-            publish: Some(deadline - margin / 4),
+            abandon: Some(deadline - margin * 4 / 5),
+            publish: Some(deadline - margin * 7 / 10),
         }
     }
 
@@ -429,7 +499,7 @@ where
         outcomes: &'a mut [RecordState],
         context: &'a RunContext<'a>,
     ) -> u32 {
-        let lanes = Lanes::new(records);
+        let lanes = Lanes::new(records, outcomes);
         let before: &[RecordState] = outcomes;
         let handler = &self.0;
         // A fixed pool of workers, each taking the next lane and running it to its end: at most
@@ -444,14 +514,27 @@ where
                 let Some(head) = lock(&next_lane).next() else {
                     break;
                 };
-                let mut blocked = false;
+                // The keys of this lane held back so far: one, unless a duplicate joined keys.
+                let mut blocked: Vec<&str> = Vec::new();
                 for index in lanes.lane(head) {
+                    let record = &records[index];
                     let current = &before[index];
                     if *current != RecordState::Pending {
-                        blocked |= current.blocks_key();
+                        let holds = match *current {
+                            // Settles as its first occurrence, decided earlier in this lane.
+                            RecordState::DuplicateOf(first) => decided
+                                .iter()
+                                .rev()
+                                .find(|(i, _)| *i == first)
+                                .map_or(&before[first], |(_, state)| state)
+                                .blocks_key(),
+                            ref other => other.blocks_key(),
+                        };
+                        if holds {
+                            blocked.push(record.partition_key);
+                        }
                         continue;
                     }
-                    let record = &records[index];
                     // Decoded here, not all up front: one payload per worker is live, hot in
                     // cache, instead of a vector of them (~2 MB for 3,000 records of a 25-field
                     // struct) that can push an invocation's heap past glibc's trim threshold,
@@ -466,7 +549,7 @@ where
                                 continue;
                             }
                         };
-                    let outcome = if blocked {
+                    let outcome = if blocked.contains(&record.partition_key) {
                         RecordState::Blocked
                     } else if context.cutoffs.past_start() {
                         RecordState::NotStarted
@@ -491,7 +574,9 @@ where
                             }
                         }
                     };
-                    blocked |= outcome.blocks_key();
+                    if outcome.blocks_key() {
+                        blocked.push(record.partition_key);
+                    }
                     decided.push((index, outcome));
                 }
             }
@@ -508,6 +593,19 @@ where
         }
         calls
     }
+}
+
+/// The root of `key` in a union-find forest, halving paths on the way.
+fn find(parent: &mut [u32], mut key: u32) -> u32 {
+    while let Some(&up) = parent.get(key as usize) {
+        if up == key {
+            break;
+        }
+        let grand = parent.get(up as usize).copied().unwrap_or(up);
+        parent[key as usize] = grand;
+        key = grand;
+    }
+    key
 }
 
 fn lock<'m, T>(mutex: &'m std::sync::Mutex<T>) -> std::sync::MutexGuard<'m, T> {
@@ -529,83 +627,149 @@ where
         let payloads = decode_payloads::<<H as BatchHandler<'d>>::Payload>(records, outcomes);
         let mut blocked_keys: Vec<&str> = Vec::new();
         let mut eligible = Vec::new();
+        // A duplicate of a record of another key settles as that record does, so its own key's
+        // later records wait until it is known whether it holds them back: they run in a later
+        // round. `gates` are such duplicates and their first occurrences.
+        let mut gates: Vec<(usize, usize)> = Vec::new();
+        let mut held = Vec::new();
         for (index, outcome) in outcomes.iter().enumerate() {
+            let key = records[index].partition_key;
+            if let RecordState::DuplicateOf(first) = *outcome
+                && records.get(first).is_some_and(|f| f.partition_key != key)
+            {
+                gates.push((index, first));
+            }
             if outcome.blocks_key() {
-                blocked_keys.push(records[index].partition_key);
+                blocked_keys.push(key);
             } else if *outcome == RecordState::Pending {
-                eligible.push(index);
+                if gates
+                    .iter()
+                    .any(|&(dup, _)| records[dup].partition_key == key)
+                {
+                    held.push(index);
+                } else {
+                    eligible.push(index);
+                }
             }
         }
         let mut calls = 0;
-        // Depth first, left half first: the stack keeps stream order across halves, so a key
-        // blocked in the left half is known before the right half runs.
-        let mut stack = vec![eligible];
-        while let Some(group) = stack.pop() {
-            let mut group_records = Vec::with_capacity(group.len());
-            for index in group {
-                if blocked_keys.contains(&records[index].partition_key) {
-                    outcomes[index] = RecordState::Blocked;
-                } else if context.cutoffs.past_start() {
-                    outcomes[index] = RecordState::NotStarted;
-                    blocked_keys.push(records[index].partition_key);
-                } else {
-                    group_records.push(index);
+        let mut round = Some(eligible);
+        while let Some(eligible) = round.take() {
+            // Depth first, left half first: the stack keeps stream order across halves, so a key
+            // blocked in the left half is known before the right half runs.
+            let mut stack = vec![eligible];
+            while let Some(group) = stack.pop() {
+                let mut group_records = Vec::with_capacity(group.len());
+                for index in group {
+                    if blocked_keys.contains(&records[index].partition_key) {
+                        outcomes[index] = RecordState::Blocked;
+                    } else if context.cutoffs.past_start() {
+                        outcomes[index] = RecordState::NotStarted;
+                        blocked_keys.push(records[index].partition_key);
+                    } else {
+                        group_records.push(index);
+                    }
                 }
-            }
-            if group_records.is_empty() {
-                continue;
-            }
-            let batch: Vec<TypedRecord<'_, 'd, _>> = group_records
-                .iter()
-                .filter_map(|&i| {
-                    payloads[i].as_ref().map(|payload| TypedRecord {
-                        record: &records[i],
-                        payload,
+                if group_records.is_empty() {
+                    continue;
+                }
+                let batch: Vec<TypedRecord<'_, 'd, _>> = group_records
+                    .iter()
+                    .filter_map(|&i| {
+                        payloads[i].as_ref().map(|payload| TypedRecord {
+                            record: &records[i],
+                            payload,
+                        })
                     })
+                    .collect();
+                let attempted = retry(context.retry, context.cutoffs.start, worth_retrying, || {
+                    calls += 1;
+                    guarded(self.0.handle_batch(&batch), context.cutoffs.abandon)
                 })
-                .collect();
-            let attempted = retry(context.retry, context.cutoffs.start, worth_retrying, || {
-                calls += 1;
-                guarded(self.0.handle_batch(&batch), context.cutoffs.abandon)
-            })
-            .await;
-            match attempted.result {
-                Ok(()) => {
-                    for &i in &group_records {
-                        outcomes[i] = RecordState::Processed {
-                            attempts: attempted.attempts,
-                        };
-                    }
-                }
-                Err(error) if !error.is_retryable() && group_records.len() > 1 => {
-                    debug!(
-                        size = group_records.len(),
-                        "batch failed permanently: bisecting"
-                    );
-                    let right = group_records.split_off(group_records.len() / 2);
-                    stack.push(right);
-                    stack.push(group_records);
-                }
-                Err(error) => {
-                    let outcome = failed(&error, attempted.attempts);
-                    for &i in &group_records {
-                        let record = &records[i];
-                        warn!(shard = record.shard_id, sequence_number = %record.sequence_number,
-                            error_type = error.error_type(), "record failed: {error}");
-                        if outcome.blocks_key() {
-                            blocked_keys.push(record.partition_key);
+                .await;
+                match attempted.result {
+                    Ok(()) => {
+                        for &i in &group_records {
+                            outcomes[i] = RecordState::Processed {
+                                attempts: attempted.attempts,
+                            };
                         }
-                        outcomes[i] = outcome.clone();
+                    }
+                    Err(error) if !error.is_retryable() && group_records.len() > 1 => {
+                        debug!(
+                            size = group_records.len(),
+                            "batch failed permanently: bisecting"
+                        );
+                        let right = group_records.split_off(group_records.len() / 2);
+                        stack.push(right);
+                        stack.push(group_records);
+                    }
+                    Err(error) => {
+                        let outcome = failed(&error, attempted.attempts);
+                        for &i in &group_records {
+                            let record = &records[i];
+                            warn!(shard = record.shard_id, sequence_number = %record.sequence_number,
+                            error_type = error.error_type(), "record failed: {error}");
+                            if outcome.blocks_key() {
+                                blocked_keys.push(record.partition_key);
+                            }
+                            outcomes[i] = outcome.clone();
+                        }
                     }
                 }
             }
+            round = next_round(records, outcomes, &gates, &mut held, &mut blocked_keys);
+        }
+        for index in held {
+            outcomes[index] = RecordState::Blocked;
         }
         calls
     }
 }
 
-/// Record positions grouped by partition key, as linked lists through the batch: two
-/// allocations per batch however many keys there are.
+/// The held records that can run now: those whose key's duplicates (`gates`) all have a decided
+/// first occurrence that does not hold the key back. A record behind a duplicate whose first
+/// occurrence was handed back is blocked, and its key with it. `None` when nothing can move.
+fn next_round<'r>(
+    records: &[Record<'r>],
+    outcomes: &mut [RecordState],
+    gates: &[(usize, usize)],
+    held: &mut Vec<usize>,
+    blocked_keys: &mut Vec<&'r str>,
+) -> Option<Vec<usize>> {
+    let mut ready = Vec::new();
+    let mut moved = false;
+    held.retain(|&index| {
+        let key = records[index].partition_key;
+        let mut waiting = false;
+        let mut holds = blocked_keys.contains(&key);
+        for &(dup, first) in gates {
+            if dup < index && records[dup].partition_key == key {
+                match &outcomes[first] {
+                    RecordState::Pending => waiting = true,
+                    state => holds |= state.blocks_key(),
+                }
+            }
+        }
+        if waiting && !holds {
+            return true;
+        }
+        moved = true;
+        if holds {
+            outcomes[index] = RecordState::Blocked;
+            blocked_keys.push(key);
+        } else {
+            ready.push(index);
+        }
+        false
+    });
+    (moved && !ready.is_empty()).then_some(ready)
+}
+
+/// Record positions grouped by partition key, as linked lists through the batch: a few
+/// allocations per batch however many keys there are. A record that duplicates an earlier one
+/// of another key (the same idempotency key) joins their keys into one lane, so that whether the
+/// duplicate holds its key back is known, in stream order, before its key's later records run.
 struct Lanes {
     /// First record of each lane, lanes in order of first appearance.
     heads: Vec<u32>,
@@ -614,19 +778,51 @@ struct Lanes {
 }
 
 impl Lanes {
-    fn new(records: &[Record<'_>]) -> Self {
+    fn new(records: &[Record<'_>], states: &[RecordState]) -> Self {
         const END: u32 = u32::MAX;
-        let mut tails: HashMap<&str, u32, foldhash::fast::RandomState> =
+        let mut ids: HashMap<&str, u32, foldhash::fast::RandomState> =
             HashMap::with_capacity_and_hasher(records.len().min(1024), Default::default());
+        // A batch holds at most 10,000 Kinesis records; KPL can multiply that, but not past
+        // u32 (a 6 MB event cannot hold 4 billion user records).
+        let key_of: Vec<u32> = records
+            .iter()
+            .map(|record| {
+                let next = u32::try_from(ids.len()).unwrap_or(END - 1);
+                *ids.entry(record.partition_key).or_insert(next)
+            })
+            .collect();
+        // Keys joined by a duplicate share a lane: a union-find over key ids, empty (and so
+        // free) in the usual batch without cross-key duplicates.
+        let mut parent: Vec<u32> = Vec::new();
+        for (index, state) in states.iter().enumerate() {
+            if let RecordState::DuplicateOf(first) = *state
+                && let (Some(&a), Some(&b)) = (key_of.get(index), key_of.get(first))
+                && a != b
+            {
+                if parent.is_empty() {
+                    parent = (0..u32::try_from(ids.len()).unwrap_or(END - 1)).collect();
+                }
+                let (ra, rb) = (find(&mut parent, a), find(&mut parent, b));
+                let (low, high) = (ra.min(rb), ra.max(rb));
+                parent[high as usize] = low;
+            }
+        }
+        let mut tails = vec![END; ids.len()];
         let mut heads = Vec::new();
         let mut next = vec![END; records.len()];
-        for (index, record) in records.iter().enumerate() {
-            // A batch holds at most 10,000 Kinesis records; KPL can multiply that, but not past
-            // u32 (a 6 MB event cannot hold 4 billion user records).
+        for (index, &key) in key_of.iter().enumerate() {
+            let lane = if parent.is_empty() {
+                key
+            } else {
+                find(&mut parent, key)
+            };
             let index = u32::try_from(index).unwrap_or(END - 1);
-            match tails.insert(record.partition_key, index) {
+            match tails.get(lane as usize).copied() {
+                Some(END) | None => heads.push(index),
                 Some(tail) => next[tail as usize] = index,
-                None => heads.push(index),
+            }
+            if let Some(slot) = tails.get_mut(lane as usize) {
+                *slot = index;
             }
         }
         Self { heads, next }
@@ -770,6 +966,19 @@ impl<M, S: DeadLetterSink, G> Processor<M, S, G> {
         &*self.clock
     }
 
+    /// Whether the gate's `AlreadyDone` always names this very record ([`RecordGate::identifies_records`]).
+    pub(crate) fn gate_identifies_records(&self) -> bool
+    where
+        G: RecordGate,
+    {
+        self.gate.identifies_records()
+    }
+
+    /// The cut-off times of `invocation`, from its deadline and the configured margin.
+    pub(crate) fn cutoffs(&self, invocation: &Invocation) -> Cutoffs {
+        Cutoffs::new(invocation.deadline, self.config.deadline_margin)
+    }
+
     /// Write one metrics line through the configured writer.
     pub(crate) fn write_metrics(&self, line: &str) {
         self.metrics.write_line(line);
@@ -804,21 +1013,22 @@ where
     where
         M: Mode,
     {
-        self.process_records_with(&self.mode, event_records, invocation)
+        self.process_records_with(&self.mode, event_records, invocation, &mut KeepAll)
             .await
     }
 
     /// Process records with `mode` in place of the processor's own handler: a tumbling window
     /// ([`crate::window`]) runs a handler per invocation that collects what each record adds to
-    /// that invocation's state.
-    pub async fn process_records_with<M2: Mode>(
+    /// that invocation's state, and decides through `settling` which of those were kept.
+    pub(crate) async fn process_records_with<M2: Mode>(
         &self,
         mode: &M2,
         event_records: &[EventRecord<'_>],
         invocation: &Invocation,
+        settling: &mut impl Settling,
     ) -> BatchReport {
         let started = Instant::now();
-        let cutoffs = Cutoffs::new(invocation.deadline, self.config.deadline_margin);
+        let cutoffs = self.cutoffs(invocation);
         let mut batch = lock(&self.spare).take().unwrap_or_default();
         batch.refill(event_records);
         let decoded = batch.records(event_records);
@@ -853,10 +1063,17 @@ where
         // all the same: settled as done once dead-lettered, so a redelivery (the checkpoint fell
         // before them) does not dead-letter them again.
         let mut undecoded_ran = vec![false; outcomes.len()];
+        let mut accounted_ran = vec![false; outcomes.len()];
         for (index, admission) in admissions.into_iter().enumerate() {
             let Some(outcome) = outcomes.get_mut(index) else {
                 break;
             };
+            if records.get(index).is_some_and(|r| settling.accounted(r)) {
+                // Its effect is already where it belongs; a gate that admitted it is told so.
+                accounted_ran[index] = admission == Admission::Run;
+                *outcome = RecordState::AlreadyDone;
+                continue;
+            }
             if *outcome != RecordState::Pending {
                 match admission {
                     Admission::Run => undecoded_ran[index] = true,
@@ -896,7 +1113,8 @@ where
         let ran: Vec<bool> = outcomes
             .iter()
             .zip(undecoded_ran)
-            .map(|(o, undecoded)| undecoded || *o == RecordState::Pending)
+            .zip(accounted_ran)
+            .map(|((o, undecoded), accounted)| undecoded || accounted || *o == RecordState::Pending)
             .collect();
 
         let context = RunContext {
@@ -909,7 +1127,9 @@ where
         self.dead_letter(event_records, &records, &mut outcomes, invocation, cutoffs)
             .await;
         resolve_duplicates(&mut outcomes);
-        self.settle(&records, &ran, &mut outcomes, &gate_context)
+        let settled: Vec<Settled> = outcomes.iter().map(Settled::of).collect();
+        let keep = settling.settle_as(&records, &settled).await;
+        self.settle(&records, &ran, &keep, &mut outcomes, &gate_context)
             .await;
 
         let report = build_report(
@@ -1015,24 +1235,36 @@ where
         &self,
         records: &[Record<'_>],
         ran: &[bool],
+        keep: &[Keep],
         outcomes: &mut [RecordState],
         context: &GateContext<'_>,
     ) {
+        let keep_at = |index: usize| keep.get(index).copied().unwrap_or(Keep::AsDecided);
         let settled: Vec<Option<Settlement>> = ran
             .iter()
             .zip(outcomes.iter())
-            .map(|(&ran, outcome)| {
-                ran.then(|| {
-                    if outcome.is_acknowledged() {
-                        Settlement::Done
-                    } else {
-                        Settlement::Released
-                    }
+            .enumerate()
+            .map(|(index, (&ran, outcome))| {
+                ran.then(|| match keep_at(index) {
+                    Keep::AsDecided if outcome.is_acknowledged() => Settlement::Done,
+                    Keep::Durable {
+                        write_completion: true,
+                    } => Settlement::Done,
+                    Keep::AsDecided | Keep::Durable { .. } | Keep::Dropped => Settlement::Released,
                 })
             })
             .collect();
         let results = self.gate.settle(records, &settled, context).await;
         for ((index, result), settlement) in results.into_iter().enumerate().zip(&settled) {
+            if matches!(keep_at(index), Keep::Durable { .. }) {
+                if let Err(error) = result {
+                    let record = &records[index];
+                    warn!(shard = record.shard_id, sequence_number = %record.sequence_number,
+                        "completion not recorded; the record stays acknowledged, its effect is \
+                         in the state returned to Lambda: {error}");
+                }
+                continue;
+            }
             if let (Err(error), Some(Settlement::Done)) = (result, settlement) {
                 let record = &records[index];
                 error!(shard = record.shard_id, sequence_number = %record.sequence_number,

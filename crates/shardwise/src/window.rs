@@ -81,13 +81,18 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 use tracing::{error, info, warn};
 
-use crate::dead_letter::{DeadLetterError, DeadLetterSink, SinkEntry, SqsLimits};
+use crate::dead_letter::{
+    DeadLetterError, DeadLetterSink, SinkEntry, SqsLimits, bounded, fit_message,
+};
 use crate::event::{EventError, EventRecord, describe_json_error, parse_event};
 use crate::gate::{NoGate, RecordGate};
 use crate::handler::{HandlerError, RecordHandler};
 use crate::metrics::{EmfDocument, Unit};
 use crate::payload::FromRecordData;
-use crate::processor::{BatchReport, Invocation, PerRecord, Processor, ProcessorConfig};
+use crate::processor::{
+    BatchReport, DeadlineExceeded, Invocation, Keep, PerRecord, Processor, ProcessorConfig,
+    Settled, Settling,
+};
 use crate::record::{Record, SequenceNumber};
 use crate::response::BatchItemFailure;
 use crate::retry::{ExponentialBackoff, retry};
@@ -167,11 +172,18 @@ pub struct SegmentMeta {
     /// The state began by discarding one that could not be read (it was dead-lettered).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub partial: bool,
+    /// The last record (`sequence` or `sequence/sub`) this window has accounted for, in this
+    /// state or a segment already ended. A record at or before it is never folded again, and a
+    /// record after it is never taken as done because a store says so: the state, which Lambda
+    /// commits with the checkpoint, is the record of what was folded. Kept across a segment's
+    /// end within the window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub through: Option<String>,
 }
 
 impl SegmentMeta {
     fn is_empty(&self) -> bool {
-        self.opened_by.is_none() && !self.partial
+        self.opened_by.is_none() && !self.partial && self.through.is_none()
     }
 }
 
@@ -385,15 +397,6 @@ struct Contributions<'h, H: WindowHandler> {
     collected: Mutex<Vec<Collected<H::Contribution>>>,
 }
 
-impl<H: WindowHandler> Contributions<'_, H> {
-    fn into_collected(self) -> Vec<Collected<H::Contribution>> {
-        // A poisoned lock only means a handler panicked while pushing; what was pushed is whole.
-        self.collected
-            .into_inner()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-}
-
 impl<'d, H: WindowRecordHandler<'d>> RecordHandler<'d> for Contributions<'_, H> {
     type Payload = H::Payload;
 
@@ -588,7 +591,7 @@ where
     ) -> Result<WindowReport, WindowError> {
         let window: WindowEvent<'_> = parse_event(event)?;
         let raw = raw_state(event)?;
-        let (mut state, mut meta, state_reset) = match decode_state::<H::State>(raw.as_deref()) {
+        let (state, meta, state_reset) = match decode_state::<H::State>(raw.as_deref()) {
             Ok((state, meta)) => (state, meta, None),
             Err(decode) => {
                 self.dead_letter_state(
@@ -599,8 +602,8 @@ where
                 )
                 .await?;
                 let meta = SegmentMeta {
-                    opened_by: None,
                     partial: true,
+                    ..SegmentMeta::default()
                 };
                 (H::State::default(), meta, Some(decode))
             }
@@ -610,25 +613,66 @@ where
             handler: &self.handler,
             collected: Mutex::new(Vec::new()),
         });
+        let through_text = meta.through.clone();
+        let through = through_text.as_deref().and_then(Position::parse);
+        let mut settling = WindowSettling {
+            processor: self,
+            window: &window,
+            collected: &mode.0.collected,
+            through,
+            state: Some((state, meta)),
+            deadline: self.records.cutoffs(invocation).abandon,
+            result: None,
+        };
         let batch = self
             .records
-            .process_records_with(&mode, &window.records, invocation)
+            .process_records_with(&mode, &window.records, invocation, &mut settling)
             .await;
-        let checkpoint = batch
-            .response
-            .batch_item_failures
-            .first()
-            .map(|failure| failure.item_identifier.clone());
+        let Some(result) = settling.result else {
+            // `settle_as` always runs once per invocation; should it not, nothing was kept.
+            return Err(WindowError::StateNotSerializable(
+                "window invocation ended without a state".to_owned(),
+            ));
+        };
+        let Folded {
+            state_json,
+            state_bytes,
+            folded,
+            ended,
+        } = result?;
+        Ok(WindowReport {
+            response: WindowResponse {
+                state: state_json,
+                batch_item_failures: batch.response.batch_item_failures.clone(),
+            },
+            batch,
+            folded,
+            state_bytes,
+            ended,
+            state_reset,
+        })
+    }
+
+    /// Fold what was kept into the state, end the window if it ends, and serialize the state:
+    /// everything that decides which records' contributions Lambda will commit.
+    async fn fold_and_end(
+        &self,
+        window: &WindowEvent<'_>,
+        collected: Vec<Collected<H::Contribution>>,
+        checkpoint: Option<SequenceNumber<'_>>,
+        (mut state, mut meta): (H::State, SegmentMeta),
+        through: Option<String>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<Folded, WindowError> {
         if window.is_final_invoke_for_window
             && let Some(redeliver_from) = checkpoint
         {
             return Err(WindowError::FinalInvokeIncomplete {
                 window_start: window.window.start.to_rfc3339(),
-                redeliver_from,
+                redeliver_from: redeliver_from.to_string(),
             });
         }
-
-        let mut collected = mode.0.into_collected();
+        let mut collected = collected;
         collected.sort_by_key(|c| (c.event_index, c.sub_sequence_number.unwrap_or(0)));
         let mut folded = 0;
         for item in collected {
@@ -637,10 +681,7 @@ where
             };
             let sequence_number = SequenceNumber::new(&source.kinesis.sequence_number);
             // Lambda redelivers from the checkpoint on: those records are folded when they return.
-            if checkpoint
-                .as_deref()
-                .is_some_and(|cp| sequence_number >= SequenceNumber::new(cp))
-            {
+            if checkpoint.is_some_and(|cp| sequence_number >= cp) {
                 continue;
             }
             if meta.opened_by.is_none() {
@@ -652,11 +693,16 @@ where
             self.handler.fold(&mut state, item.contribution);
             folded += 1;
         }
+        if through.is_some() {
+            meta.through = through;
+        }
 
-        let mut ended = if window.is_final_invoke_for_window {
-            Some(WindowEndReason::Final)
-        } else if window.is_window_terminated_early {
+        // `isWindowTerminatedEarly` means the window goes on with a fresh state, whatever the
+        // other flag says: it is a segment's end, never the window's.
+        let mut ended = if window.is_window_terminated_early {
             Some(WindowEndReason::TerminatedEarly)
+        } else if window.is_final_invoke_for_window {
+            Some(WindowEndReason::Final)
         } else {
             None
         };
@@ -682,33 +728,38 @@ where
                 segment: meta.opened_by.as_deref(),
                 partial: meta.partial,
             };
-            self.handler
-                .on_window_end(&state, &end)
-                .await
-                .map_err(|source| WindowError::WindowEnd { reason, source })?;
+            let hook = self.handler.on_window_end(&state, &end);
+            let ran = match deadline {
+                Some(at) => tokio::time::timeout_at(at, hook).await.unwrap_or_else(|_| {
+                    Err(HandlerError::retryable(DeadlineExceeded).with_type("DeadlineExceeded"))
+                }),
+                None => hook.await,
+            };
+            ran.map_err(|source| WindowError::WindowEnd { reason, source })?;
             info!(shard = %window.shard_id, window_start = %window.window.start.to_rfc3339(),
                 reason = reason.as_str(), segment = end.segment, partial = end.partial, "window ended");
         }
         // After an end the window goes on (or, after a final invocation, Lambda drops the state)
-        // with a fresh one.
+        // with a fresh one, which still knows which records the window has accounted for.
         let json = match encoded {
             Some(json) => json,
-            None => encode_state(&H::State::default(), &SegmentMeta::default())
-                .map_err(|e| WindowError::StateNotSerializable(e.to_string()))?,
+            None => {
+                let fresh = SegmentMeta {
+                    through: meta.through.filter(|_| reason_goes_on(ended)),
+                    ..SegmentMeta::default()
+                };
+                encode_state(&H::State::default(), &fresh)
+                    .map_err(|e| WindowError::StateNotSerializable(e.to_string()))?
+            }
         };
         let state_bytes = json.len();
         let state_json = RawValue::from_string(json)
             .map_err(|e| WindowError::StateNotSerializable(e.to_string()))?;
-        Ok(WindowReport {
-            response: WindowResponse {
-                state: state_json,
-                batch_item_failures: batch.response.batch_item_failures.clone(),
-            },
-            batch,
-            folded,
+        Ok(Folded {
+            state_json,
             state_bytes,
+            folded,
             ended,
-            state_reset,
         })
     }
 
@@ -744,24 +795,34 @@ where
         if body.len() > limit {
             error!(shard = %window.shard_id, state_bytes = raw.len(),
                 "the unreadable window state is larger than an SQS message: dead-lettered without it");
-            let without = StateDeadLetter {
+            let mut without = StateDeadLetter {
                 state: None,
                 state_truncated: true,
                 ..letter
             };
             body = serde_json::to_string(&without).map_err(|e| not_sent(e.to_string()))?;
+            if body.len() > limit {
+                // The decode error can quote the state: cut it, keep what names the window.
+                let message = std::mem::take(&mut without.error.message);
+                let bare = serde_json::to_string(&without)
+                    .map_err(|e| not_sent(e.to_string()))?
+                    .len();
+                without.error.message = fit_message(&message, limit.saturating_sub(bare));
+                body = serde_json::to_string(&without).map_err(|e| not_sent(e.to_string()))?;
+            }
         }
         let entries = [SinkEntry {
             id: "window-state".to_owned(),
             body,
         }];
         let sink = self.records.dead_letter_sink();
+        let cutoff = self.records.cutoffs(invocation).publish;
         let attempted = retry(
             &self.state_retry,
-            invocation.deadline,
+            cutoff,
             |_: &String| true,
             || async {
-                match sink.send_batch(&entries).await {
+                match bounded(sink.send_batch(&entries), cutoff).await {
                     Ok(failures) if failures.is_empty() => Ok(()),
                     Ok(failures) => Err(failures
                         .iter()
@@ -774,6 +835,150 @@ where
         )
         .await;
         attempted.result.map_err(not_sent)
+    }
+}
+
+/// Whether the window goes on after it ended for `reason` (a segment's end), so the fresh state
+/// must still know what the window accounted for.
+fn reason_goes_on(reason: Option<WindowEndReason>) -> bool {
+    matches!(
+        reason,
+        Some(WindowEndReason::StateLimit | WindowEndReason::TerminatedEarly)
+    )
+}
+
+/// What folding an invocation produced.
+struct Folded {
+    state_json: Box<RawValue>,
+    state_bytes: usize,
+    folded: usize,
+    ended: Option<WindowEndReason>,
+}
+
+/// A record's place in its shard: sequence number, then sub-sequence number (0 for a whole
+/// record), the order Lambda delivers them in.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Position<'a> {
+    sequence_number: SequenceNumber<'a>,
+    sub: u64,
+}
+
+impl<'a> Position<'a> {
+    fn of(record: &Record<'a>) -> Self {
+        Self {
+            sequence_number: record.sequence_number,
+            sub: record.sub_sequence_number.unwrap_or(0),
+        }
+    }
+
+    /// Reads `sequence` or `sequence/sub`, as [`SegmentMeta::through`] holds it.
+    fn parse(text: &'a str) -> Option<Self> {
+        let (sequence, sub) = match text.split_once('/') {
+            Some((sequence, sub)) => (sequence, sub.parse().ok()?),
+            None => (text, 0),
+        };
+        (!sequence.is_empty() && sequence.bytes().all(|b| b.is_ascii_digit())).then(|| Self {
+            sequence_number: SequenceNumber::new(sequence),
+            sub,
+        })
+    }
+
+    fn render(&self) -> String {
+        if self.sub == 0 {
+            self.sequence_number.to_string()
+        } else {
+            format!("{}/{}", self.sequence_number, self.sub)
+        }
+    }
+}
+
+/// The window layer's part in settling an invocation's records (see [`Settling`]): a record's
+/// effect is its contribution, kept only when it is folded into a state Lambda will commit.
+struct WindowSettling<'w, 'e, H: WindowHandler, S, G> {
+    processor: &'w WindowProcessor<H, S, G>,
+    window: &'w WindowEvent<'e>,
+    collected: &'w Mutex<Vec<Collected<H::Contribution>>>,
+    /// The last record the incoming state accounts for.
+    through: Option<Position<'w>>,
+    state: Option<(H::State, SegmentMeta)>,
+    deadline: Option<tokio::time::Instant>,
+    result: Option<Result<Folded, WindowError>>,
+}
+
+impl<H, S, G> Settling for WindowSettling<'_, '_, H, S, G>
+where
+    H: for<'d> WindowRecordHandler<'d>,
+    S: DeadLetterSink,
+    G: RecordGate,
+{
+    fn accounted(&self, record: &Record<'_>) -> bool {
+        self.through.as_ref().is_some_and(|through| {
+            record.shard_id == self.window.shard_id.as_ref() && Position::of(record) <= *through
+        })
+    }
+
+    fn settle_as<'r>(
+        &'r mut self,
+        records: &'r [Record<'_>],
+        settled: &'r [Settled],
+    ) -> impl Future<Output = Vec<Keep>> + Send + 'r {
+        async move {
+            let checkpoint = records
+                .iter()
+                .zip(settled)
+                .filter(|(_, s)| **s == Settled::HandedBack)
+                .map(|(r, _)| r.sequence_number)
+                .min();
+            // The last record before the checkpoint: everything up to it is in the state now.
+            let through = records
+                .iter()
+                .filter(|r| checkpoint.is_none_or(|cp| r.sequence_number < cp))
+                .map(Position::of)
+                .max()
+                .map(|p| p.render());
+            let collected = std::mem::take(
+                &mut *self
+                    .collected
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()),
+            );
+            let Some(state) = self.state.take() else {
+                return vec![Keep::AsDecided; records.len()];
+            };
+            let result = self
+                .processor
+                .fold_and_end(
+                    self.window,
+                    collected,
+                    checkpoint,
+                    state,
+                    through,
+                    self.deadline,
+                )
+                .await;
+            let kept = result.is_ok();
+            self.result = Some(result);
+            // A record that settles with the state it was folded into needs no completion of
+            // its own when the gate's keys name records: the state is that record.
+            let write_completion = !self.processor.records.gate_identifies_records();
+            records
+                .iter()
+                .zip(settled)
+                .map(|(record, settled)| match settled {
+                    Settled::Processed
+                        if kept && checkpoint.is_none_or(|cp| record.sequence_number < cp) =>
+                    {
+                        Keep::Durable { write_completion }
+                    }
+                    // Its contribution was dropped: Lambda redelivers it and it runs again.
+                    Settled::Processed => Keep::Dropped,
+                    // A dead letter is sent whatever becomes of the state: it stays done.
+                    Settled::DeadLettered | Settled::AlreadyDone | Settled::HandedBack => {
+                        Keep::AsDecided
+                    }
+                })
+                .collect()
+        }
     }
 }
 
@@ -838,6 +1043,7 @@ mod tests {
         let meta = SegmentMeta {
             opened_by: Some("49590338271490256608559692538361571095921575989136588898".into()),
             partial: true,
+            through: Some("49590338271490256608559692538361571095921575989136588899/2".into()),
         };
         let state = Totals {
             count: 3,

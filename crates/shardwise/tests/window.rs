@@ -176,7 +176,10 @@ async fn aws_example_event_reads_and_the_response_carries_state_and_failures() {
             "state": {
                 "1": 283,
                 "2": 715,
-                "shardwise": {"opened_by": "49590338271490256608559692538361571095921575989136588898"}
+                "shardwise": {
+                    "opened_by": "49590338271490256608559692538361571095921575989136588898",
+                    "through": "49590338271490256608559692538361571095921575989136588898"
+                }
             },
             "batchItemFailures": []
         })
@@ -350,7 +353,11 @@ async fn a_state_over_the_limit_ends_the_segment_and_continues_fresh() {
         .unwrap();
     assert_eq!(report.ended, Some(WindowEndReason::StateLimit));
     let response = serde_json::to_value(&report.response).unwrap();
-    assert_eq!(response["state"], json!({}));
+    // Fresh, but it still knows what the ended segment accounted for.
+    assert_eq!(
+        response["state"],
+        json!({"shardwise": {"through": sequence_number(6)}})
+    );
     let ends = p.handler().ends.lock().unwrap().clone();
     assert_eq!(ends.len(), 1);
     assert_eq!(ends[0].0.len(), 6, "the flushed state held every record");
@@ -371,7 +378,10 @@ async fn lambdas_early_termination_ends_the_segment_too() {
         json!({"isWindowTerminatedEarly": true, "state": {"a": 1, "shardwise": {"opened_by": "3"}}}),
     );
     let response = invoke(&p, &event).await;
-    assert_eq!(response["state"], json!({}));
+    assert_eq!(
+        response["state"],
+        json!({"shardwise": {"through": sequence_number(9)}})
+    );
     let ends = p.handler().ends.lock().unwrap().clone();
     assert_eq!(ends[0].0["a"], 2);
     assert_eq!(ends[0].1, WindowEndReason::TerminatedEarly);

@@ -86,7 +86,9 @@ impl KeyStrategy for RecordKey {
 }
 
 /// A field of the JSON payload (`transaction_id`), so a producer that sends one business event
-/// twice, as two records, has it handled once. Strings are taken unescaped, numbers as written.
+/// twice, as two records, has it handled once. Strings are taken unescaped
+/// (`transaction_id=tx-1`), numbers as written and marked as numbers (`transaction_id#12345`):
+/// the key keeps the JSON type, so `{"id":1}` and `{"id":"1"}` are two events, not one.
 #[derive(Debug, Clone)]
 pub struct JsonFieldKey {
     path: Vec<String>,
@@ -118,9 +120,11 @@ impl KeyStrategy for JsonFieldKey {
         };
         // Finds the field without building the document: the rest of the payload is skipped.
         let value = sonic_rs::get(record.data, &self.path).map_err(|_| missing())?;
-        let text = match value.get_type() {
-            sonic_rs::JsonType::String => value.as_str().ok_or_else(missing)?,
-            sonic_rs::JsonType::Number => value.as_raw_str(),
+        // `=` before a string, `#` before a number: with one strategy per function (one dotted
+        // path), the separator alone tells the types apart.
+        let (separator, text) = match value.get_type() {
+            sonic_rs::JsonType::String => ('=', value.as_str().ok_or_else(missing)?),
+            sonic_rs::JsonType::Number => ('#', value.as_raw_str()),
             other => {
                 return Err(KeyError::WrongType {
                     path: self.dotted.clone(),
@@ -139,7 +143,7 @@ impl KeyStrategy for JsonFieldKey {
             });
         }
         out.push_str(&self.dotted);
-        out.push('=');
+        out.push(separator);
         out.push_str(text);
         Ok(())
     }
@@ -228,7 +232,13 @@ mod tests {
         let number = br#"{"transaction_id":12345}"#;
         assert_eq!(
             namespaced_key(&strategy, "f", &record(number, None)).unwrap(),
-            "f#transaction_id=12345"
+            "f#transaction_id#12345"
+        );
+        // The JSON type is part of the key: a number and a string that read alike differ.
+        let as_text = br#"{"transaction_id":"12345"}"#;
+        assert_ne!(
+            namespaced_key(&strategy, "f", &record(number, None)).unwrap(),
+            namespaced_key(&strategy, "f", &record(as_text, None)).unwrap()
         );
         let nested = JsonFieldKey::path(["order", "id"]);
         assert_eq!(

@@ -37,6 +37,9 @@ pub enum StoreFault {
     /// The first `n` entries are left unprocessed (for a claim: the call is cancelled, those
     /// `n` with a transaction conflict); the rest are done.
     Unprocessed(usize),
+    /// The call is applied, then fails as unreachable: a timeout after the store acted, so the
+    /// caller does not know that it did.
+    AppliedThenLost,
 }
 
 /// Queued faults and call counts, shared by the in-memory store and [`FaultyStore`].
@@ -68,8 +71,12 @@ fn injected(fault: &StoreFault) -> Option<StoreError> {
     match fault {
         StoreFault::Throttled => Some(StoreError::Throttled("injected throttling".into())),
         StoreFault::Unavailable => Some(StoreError::Unavailable("injected outage".into())),
-        StoreFault::Unprocessed(_) => None,
+        StoreFault::Unprocessed(_) | StoreFault::AppliedThenLost => None,
     }
+}
+
+fn lost_answer() -> StoreError {
+    StoreError::Unavailable("injected timeout after the call was applied".into())
 }
 
 fn unprocessed_count(fault: Option<&StoreFault>, len: usize) -> usize {
@@ -94,6 +101,9 @@ async fn faulty_get<S: IdempotencyStore + ?Sized>(
     } else {
         Fetched::default()
     };
+    if fault == Some(StoreFault::AppliedThenLost) {
+        return Err(lost_answer());
+    }
     fetched
         .unprocessed
         .extend(keys[..held].iter().map(|k| (*k).to_owned()));
@@ -114,6 +124,9 @@ async fn faulty_write<S: IdempotencyStore + ?Sized>(
     } else {
         Vec::new()
     };
+    if fault == Some(StoreFault::AppliedThenLost) {
+        return Err(lost_answer());
+    }
     unprocessed.extend(writes[..held].iter().map(|w| w.key().to_owned()));
     Ok(unprocessed)
 }
@@ -129,7 +142,11 @@ async fn faulty_claim<S: IdempotencyStore + ?Sized>(
     }
     let held = unprocessed_count(fault.as_ref(), claims.len());
     if held == 0 {
-        return store.claim(claims, now_s).await;
+        let outcome = store.claim(claims, now_s).await?;
+        if fault == Some(StoreFault::AppliedThenLost) {
+            return Err(lost_answer());
+        }
+        return Ok(outcome);
     }
     Ok(ClaimOutcome::Cancelled(
         (0..claims.len())
@@ -142,6 +159,15 @@ async fn faulty_claim<S: IdempotencyStore + ?Sized>(
             })
             .collect(),
     ))
+}
+
+/// Whether `existing` is a lock taken by the same invocation as `claim`.
+fn is_own_lock(existing: &StoredRecord, claim: &StoredRecord) -> bool {
+    matches!(
+        existing.status,
+        crate::idempotency::RecordStatus::InProgress { .. }
+    ) && existing.request_id.is_some()
+        && existing.request_id == claim.request_id
 }
 
 /// Idempotency records in a map, with DynamoDB's limits and fault injection.
@@ -242,9 +268,9 @@ impl InMemoryIdempotencyStore {
         let taken: Vec<bool> = claims
             .iter()
             .map(|c| {
-                items
-                    .get(&c.key)
-                    .is_some_and(|existing| existing.status.expires_at() > now_s)
+                items.get(&c.key).is_some_and(|existing| {
+                    existing.status.expires_at() > now_s && !is_own_lock(existing, c)
+                })
             })
             .collect();
         if taken.iter().any(|t| *t) {

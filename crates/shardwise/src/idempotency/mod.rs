@@ -413,6 +413,10 @@ where
     K: KeyStrategy,
     C: Clock,
 {
+    fn identifies_records(&self) -> bool {
+        self.key.scope() == KeyScope::OneShard
+    }
+
     async fn admit(&self, records: &[Record<'_>], context: &GateContext<'_>) -> Vec<Admission> {
         let now_ms = self.clock.now_ms();
         let cutoff = self.cutoff(context, now_ms);

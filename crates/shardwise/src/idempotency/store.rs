@@ -180,7 +180,8 @@ pub trait IdempotencyStore: Send + Sync {
 
     /// Write every record of `claims` (distinct keys, each `InProgress`) only where no live
     /// record exists — no item, or one whose expiry is at or before `now_s` (epoch seconds) —
-    /// all of them or none.
+    /// or where the live record is a lock of the same `request_id` (our own claim, applied by a
+    /// call whose answer was lost): all of them or none.
     fn claim(
         &self,
         claims: &[&StoredRecord],
