@@ -1186,16 +1186,42 @@ impl Driver<'_> {
                 }
             }
         }
-        // Per partition key, first effects in stream order. (A duplicate under another key than
-        // its original's holds that key back until its original settles: that order is checked
-        // by the processor's deterministic tests, not here.)
+        // Per partition key, first effects in stream order. A duplicate under another key than
+        // its original's settles as its original does, so its own key's later records may take
+        // effect only once the original has (an original that can only be dead-lettered holds
+        // nothing back).
+        let mut held_by: HashMap<&str, Vec<(usize, usize)>> = HashMap::new();
+        for (unit, u) in self.stream.units.iter().enumerate() {
+            if let Kind::Duplicate { of } = u.kind
+                && self.stream.units[of].partition_key != u.partition_key
+                && !matches!(
+                    self.stream.units[of].kind,
+                    Kind::Good(Fault::Poison | Fault::Panic)
+                )
+            {
+                held_by
+                    .entry(u.partition_key.as_str())
+                    .or_default()
+                    .push((unit, of));
+            }
+        }
         let mut seen = vec![false; self.stream.units.len()];
         let mut last_by_key: BTreeMap<&str, usize> = BTreeMap::new();
         for (unit, _) in &effects {
-            if std::mem::replace(&mut seen[*unit], true) {
+            if seen[*unit] {
                 continue;
             }
             let key = self.stream.units[*unit].partition_key.as_str();
+            for &(duplicate, of) in held_by.get(key).map(Vec::as_slice).unwrap_or_default() {
+                if duplicate < *unit && !seen[of] {
+                    self.figures.out_of_order += 1;
+                    found.push(format!(
+                        "key {key}: record {unit} took effect before record {of}, which its \
+                         earlier record {duplicate} duplicates"
+                    ));
+                }
+            }
+            seen[*unit] = true;
             if let Some(previous) = last_by_key.insert(key, *unit)
                 && previous > *unit
             {
