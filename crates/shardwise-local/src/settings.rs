@@ -480,4 +480,39 @@ Resources:
         assert_eq!(f.mapping.filters.len(), 1);
         assert_eq!(f.binary, "f");
     }
+
+    #[test]
+    fn settings_lambda_refuses_are_refused_here_too() {
+        let with = |property: &str| {
+            format!(
+                "Resources:\n  F:\n    Type: AWS::Serverless::Function\n    Properties:\n      \
+                 Events:\n        S:\n          Type: Kinesis\n          Properties:\n            \
+                 StartingPosition: LATEST\n            {property}\n"
+            )
+        };
+        for (property, field) in [
+            ("BatchSize: 0", "BatchSize"),
+            ("BatchSize: 10001", "BatchSize"),
+            ("MaximumRetryAttempts: -5", "MaximumRetryAttempts"),
+            ("MaximumRecordAgeInSeconds: 30", "MaximumRecordAgeInSeconds"),
+            ("ParallelizationFactor: 11", "ParallelizationFactor"),
+            ("TumblingWindowInSeconds: 901", "TumblingWindowInSeconds"),
+            (
+                "MaximumBatchingWindowInSeconds: 301",
+                "MaximumBatchingWindowInSeconds",
+            ),
+        ] {
+            let error = parse_template(&with(property)).map(|_| ()).unwrap_err();
+            let text = error.to_string();
+            assert!(
+                text.contains(field) && text.contains("out of range"),
+                "{property}: {text}"
+            );
+        }
+        // -1 is Lambda's "infinite" for retries and record age.
+        let f = &parse_template(&with("MaximumRecordAgeInSeconds: -1")).unwrap()[0];
+        assert_eq!(f.mapping.max_record_age, None);
+        let f = &parse_template(&with("MaximumRetryAttempts: 10000")).unwrap()[0];
+        assert_eq!(f.mapping.max_retry_attempts, Some(10_000));
+    }
 }

@@ -537,8 +537,9 @@ async fn a_window_whose_state_outgrows_the_limit_terminates_early() {
         .log
         .iter()
         .position(|l| l["early"] == true)
-        .expect("an early final invoke");
-    assert_eq!(out.log[early]["final"], true);
+        .expect("an early invoke");
+    // The window goes on after an early end: that invoke is not the window's final one.
+    assert_eq!(out.log[early]["final"], false);
     // The window goes on with a fresh state.
     assert_eq!(out.log[early + 1]["state"], serde_json::json!({}));
     assert_eq!(out.get(|s| &s.windows_terminated_early), 1);
@@ -607,4 +608,85 @@ async fn checkpoints_persist_and_a_new_run_resumes_after_them() {
         10,
         "no a-record twice"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_over_the_limit_returned_with_failures_terminates_the_window_too() {
+    let h = Harness::new(1);
+    h.put(&[
+        rec("big", "k", "\"fail\":\"big_state\""),
+        rec("r2", "k", "\"fail\":\"rbif\",\"times\":1"),
+    ]);
+    let out = h
+        .run(shardwise_local::settings::MappingSettings {
+            report_batch_item_failures: true,
+            tumbling_window: Some(Duration::from_secs(1)),
+            ..settings()
+        })
+        .await;
+    assert_eq!(out.get(|s| &s.partial_failures), 1);
+    let early = out
+        .log
+        .iter()
+        .position(|l| l["early"] == true)
+        .expect("an early invoke after the partial failure");
+    assert_eq!(early, 1, "{:?}", out.log);
+    assert_eq!(out.log[early]["final"], false);
+    // The redelivered record comes with a fresh state, not the oversized one.
+    assert_eq!(
+        out.log[early + 1]["ids"],
+        serde_json::json!(["r2"]),
+        "{:?}",
+        out.invocations()
+    );
+    assert_eq!(out.log[early + 1]["state"], serde_json::json!({}));
+    assert_eq!(out.get(|s| &s.windows_terminated_early), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_is_cut_again_when_the_window_state_grew_since_the_lane_started() {
+    let h = Harness::new(1);
+    let pad = format!("\"pad\":\"{}\"", "x".repeat(150_000));
+    h.put(&[
+        rec("big", "k", "\"fail\":\"big_state\""),
+        rec("a", "k", ""),
+        rec("b", "k", &pad),
+        rec("c", "k", &pad),
+    ]);
+    let out = h
+        .run(shardwise_local::settings::MappingSettings {
+            batch_size: 2,
+            max_payload_bytes: 1_300_000,
+            max_window_state_bytes: 5_000_000,
+            tumbling_window: Some(Duration::from_secs(60)),
+            ..settings()
+        })
+        .await;
+    let with_records: Vec<Vec<String>> = out
+        .invocations()
+        .into_iter()
+        .filter(|ids| !ids.is_empty())
+        .collect();
+    assert_eq!(
+        with_records,
+        vec![vec!["big", "a"], vec!["b"], vec!["c"]],
+        "[b, c] with the 1.1 MB state would pass the 1.3 MB cap"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_dropped_for_their_age_move_the_checkpoint_past_them() {
+    let h = Harness::new(1);
+    h.put(&records(3, "k"));
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let aged = shardwise_local::settings::MappingSettings {
+        max_record_age: Some(Duration::from_secs(1)),
+        ..settings()
+    };
+    let first = h.run(aged.clone()).await;
+    assert_eq!(first.on_failure.len(), 1);
+    // A restart resumes after them: no second on-failure record, no invocation.
+    let second = h.run(aged).await;
+    assert!(second.log.is_empty(), "{:?}", second.invocations());
+    assert_eq!(second.on_failure.len(), 1, "{:?}", second.on_failure);
 }
