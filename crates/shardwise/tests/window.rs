@@ -472,3 +472,37 @@ async fn the_lambda_entry_point_writes_window_metrics() {
     assert_eq!(line["windowEnd"], "Final");
     assert_eq!(line["WindowStateBytes"], 2.0);
 }
+
+/// AWS's two flags: `isFinalInvokeForWindow` ends the window (a new one follows with a fresh
+/// state), `isWindowTerminatedEarly` ends its state (the same window goes on with a fresh one).
+/// Set together, the window is not complete: the early end wins, so a hook never sees `Final`
+/// for a window that goes on.
+#[tokio::test]
+async fn each_combination_of_the_window_flags_ends_the_window_as_aws_documents() {
+    for (is_final, early, expected) in [
+        (false, false, None),
+        (true, false, Some(WindowEndReason::Final)),
+        (false, true, Some(WindowEndReason::TerminatedEarly)),
+        (true, true, Some(WindowEndReason::TerminatedEarly)),
+    ] {
+        let p = processor();
+        let event = window_event(
+            &[rec("a", 1, "{}")],
+            json!({"isFinalInvokeForWindow": is_final, "isWindowTerminatedEarly": early}),
+        );
+        let report = p
+            .process(&event, &Invocation::unbounded("r"))
+            .await
+            .unwrap();
+        assert_eq!(report.ended, expected, "final {is_final}, early {early}");
+        let reasons: Vec<_> = p
+            .handler()
+            .ends
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| e.1)
+            .collect();
+        assert_eq!(reasons, expected.into_iter().collect::<Vec<_>>());
+    }
+}
