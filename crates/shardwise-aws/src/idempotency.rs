@@ -27,11 +27,11 @@ use std::collections::HashMap;
 use aws_sdk_dynamodb::Client;
 use aws_sdk_dynamodb::config::http::HttpResponse;
 use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::operation::delete_item::DeleteItemError;
 use aws_sdk_dynamodb::operation::transact_write_items::TransactWriteItemsError;
 use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, DeleteRequest, KeySchemaElement, KeyType,
-    KeysAndAttributes, Put, PutRequest, ScalarAttributeType, TimeToLiveSpecification,
-    TransactWriteItem, WriteRequest,
+    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType, KeysAndAttributes,
+    Put, PutRequest, ScalarAttributeType, TimeToLiveSpecification, TransactWriteItem, WriteRequest,
 };
 
 use shardwise::idempotency::{
@@ -244,25 +244,52 @@ impl IdempotencyStore for DynamoDbIdempotencyStore {
             )));
         }
         let mut requests = Vec::with_capacity(writes.len());
+        let mut releases = Vec::new();
         for write in writes {
-            requests.push(match *write {
-                StoreWrite::Put(record) => WriteRequest::builder()
-                    .put_request(
-                        PutRequest::builder()
-                            .set_item(Some(to_item(record)))
-                            .build()
-                            .map_err(rejected)?,
-                    )
-                    .build(),
-                StoreWrite::Delete(key) => WriteRequest::builder()
-                    .delete_request(
-                        DeleteRequest::builder()
-                            .set_key(Some(key_attribute(key)))
-                            .build()
-                            .map_err(rejected)?,
-                    )
-                    .build(),
-            });
+            match *write {
+                StoreWrite::Put(record) => requests.push(
+                    WriteRequest::builder()
+                        .put_request(
+                            PutRequest::builder()
+                                .set_item(Some(to_item(record)))
+                                .build()
+                                .map_err(rejected)?,
+                        )
+                        .build(),
+                ),
+                StoreWrite::Release { key, request_id } => releases.push((key, request_id)),
+            }
+        }
+        // BatchWriteItem takes no condition, so releases (rare: records handed back) are one
+        // conditional DeleteItem each: a lock that is no longer ours is left alone.
+        let released = futures::future::join_all(releases.iter().map(|(key, request_id)| {
+            self.client
+                .delete_item()
+                .table_name(&self.table)
+                .set_key(Some(key_attribute(key)))
+                .condition_expression("#request = :request")
+                .expression_attribute_names("#request", REQUEST_ID)
+                .expression_attribute_values(":request", AttributeValue::S((*request_id).clone()))
+                .send()
+        }))
+        .await;
+        let mut unreleased = Vec::new();
+        for ((key, _), result) in releases.iter().zip(released) {
+            match result {
+                Ok(_) => {}
+                Err(error)
+                    if matches!(
+                        error.as_service_error(),
+                        Some(DeleteItemError::ConditionalCheckFailedException(_))
+                    ) => {}
+                Err(error) => match classify(error) {
+                    StoreError::Throttled(_) => unreleased.push((*key).clone()),
+                    other => return Err(other),
+                },
+            }
+        }
+        if requests.is_empty() {
+            return Ok(unreleased);
         }
         let output = self
             .client
@@ -274,8 +301,11 @@ impl IdempotencyStore for DynamoDbIdempotencyStore {
         Ok(output
             .unprocessed_items()
             .and_then(|u| u.get(&self.table))
-            .map(|left| left.iter().filter_map(written_key).collect())
-            .unwrap_or_default())
+            .map(|left| left.iter().filter_map(written_key).collect::<Vec<_>>())
+            .unwrap_or_default()
+            .into_iter()
+            .chain(unreleased)
+            .collect())
     }
 
     async fn claim(
@@ -406,7 +436,10 @@ mod tests {
             .build();
         let store = DynamoDbIdempotencyStore::new(Client::from_conf(config), "t");
         let owned: Vec<StoreWrite> = (0..26)
-            .map(|i| StoreWrite::Delete(format!("k{i}")))
+            .map(|i| StoreWrite::Release {
+                key: format!("k{i}"),
+                request_id: "r".to_owned(),
+            })
             .collect();
         let writes: Vec<&StoreWrite> = owned.iter().collect();
         let error = store.write(&writes).await.unwrap_err();

@@ -121,8 +121,11 @@ impl IdempotencyStore for SqliteIdempotencyStore {
                         StoreWrite::Put(record) => {
                             put(&tx, record)?;
                         }
-                        StoreWrite::Delete(key) => {
-                            tx.execute("DELETE FROM idempotency WHERE key = ?1", [key])?;
+                        StoreWrite::Release { key, request_id } => {
+                            tx.execute(
+                                "DELETE FROM idempotency WHERE key = ?1 AND request_id = ?2",
+                                [key, request_id],
+                            )?;
                         }
                     }
                 }
@@ -211,20 +214,29 @@ mod tests {
             },
         );
         assert_eq!(a.claim(&[&k1], 100).await.unwrap(), ClaimOutcome::Claimed);
-        // Another process: k1 is live, so nothing of this call is written.
-        let outcome = b.claim(&[&k2, &k1], 100).await.unwrap();
+        // Another invocation: k1 is live and not its own, so nothing of this call is written.
+        let theirs = |r: &StoredRecord| StoredRecord {
+            request_id: Some("r-b".into()),
+            ..r.clone()
+        };
+        let outcome = b.claim(&[&theirs(&k2), &theirs(&k1)], 100).await.unwrap();
         assert_eq!(
             outcome,
             ClaimOutcome::Cancelled(vec![ClaimVerdict::NotAttempted, ClaimVerdict::Taken])
         );
         assert!(b.get(&["f#2"]).await.unwrap().records.is_empty());
+        // Its own live lock an invocation takes again (a claim whose answer was lost).
+        assert_eq!(a.claim(&[&k1], 150).await.unwrap(), ClaimOutcome::Claimed);
         // Once the lock expired, the key can be claimed again.
         assert_eq!(b.claim(&[&k1], 200).await.unwrap(), ClaimOutcome::Claimed);
 
         let done = record("f#1", RecordStatus::Completed { expires_at: 999 });
         a.write(&[
             &StoreWrite::Put(done.clone()),
-            &StoreWrite::Delete("f#2".into()),
+            &StoreWrite::Release {
+                key: "f#2".into(),
+                request_id: "r".into(),
+            },
         ])
         .await
         .unwrap();

@@ -565,3 +565,31 @@ async fn a_number_and_a_string_that_read_alike_are_two_keys() {
         ]
     );
 }
+
+#[tokio::test]
+async fn a_late_release_leaves_the_lock_another_invocation_took() {
+    use shardwise::idempotency::{IdempotencyStore, RecordStatus, StoreWrite, StoredRecord};
+    let store = InMemoryIdempotencyStore::new();
+    let lock = |request: &str| StoredRecord {
+        key: "f#id=tx-1".into(),
+        status: RecordStatus::InProgress {
+            lock_expires_at: NOW_MS / 1000 + 60,
+        },
+        payload_hash: None,
+        request_id: Some(request.into()),
+    };
+    store.insert(lock("req-2"));
+    // req-1's lock expired, req-2 claimed the key; req-1's release arrives only now.
+    let release = StoreWrite::Release {
+        key: "f#id=tx-1".into(),
+        request_id: "req-1".into(),
+    };
+    store.write(&[&release]).await.unwrap();
+    assert_eq!(store.record("f#id=tx-1"), Some(lock("req-2")));
+    let own = StoreWrite::Release {
+        key: "f#id=tx-1".into(),
+        request_id: "req-2".into(),
+    };
+    store.write(&[&own]).await.unwrap();
+    assert!(store.record("f#id=tx-1").is_none());
+}

@@ -253,8 +253,13 @@ impl InMemoryIdempotencyStore {
                 StoreWrite::Put(record) => {
                     items.insert(record.key.clone(), record.clone());
                 }
-                StoreWrite::Delete(key) => {
-                    items.remove(key);
+                StoreWrite::Release { key, request_id } => {
+                    if items
+                        .get(key)
+                        .is_some_and(|item| item.request_id.as_deref() == Some(request_id.as_str()))
+                    {
+                        items.remove(key);
+                    }
                 }
             }
         }

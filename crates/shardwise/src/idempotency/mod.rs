@@ -622,7 +622,10 @@ where
                     payload_hash: self.hash(record),
                     request_id: Some(context.request_id.to_owned()),
                 }),
-                Settlement::Released => StoreWrite::Delete(key),
+                Settlement::Released => StoreWrite::Release {
+                    key,
+                    request_id: context.request_id.to_owned(),
+                },
             };
             // One write per key (a call may not name a key twice); a completion wins.
             match by_key.entry(write.key().to_owned()) {
@@ -653,7 +656,7 @@ where
             let source: crate::gate::SharedError = std::sync::Arc::new(error);
             let error = match write {
                 StoreWrite::Put(_) => GateError::CompletionNotRecorded(source),
-                StoreWrite::Delete(_) => GateError::LockNotReleased(source),
+                StoreWrite::Release { .. } => GateError::LockNotReleased(source),
             };
             for index in owners {
                 results[index] = Err(error.clone());

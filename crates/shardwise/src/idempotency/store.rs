@@ -73,15 +73,19 @@ impl StoredRecord {
 pub enum StoreWrite {
     /// Write the record, replacing whatever is there (a completion replaces its own lock).
     Put(StoredRecord),
-    /// Delete the item with this key: a released lock, so a redelivery can run the record.
-    Delete(String),
+    /// Delete the lock with this key, if it is still the one `request_id` took: a released
+    /// lock, so a redelivery can run the record. Conditional, because a release that arrives
+    /// late (its call was abandoned at the deadline, then applied) must not delete the lock of
+    /// the invocation that claimed the key after ours expired; an item that is not ours (or no
+    /// item) counts as released.
+    Release { key: String, request_id: String },
 }
 
 impl StoreWrite {
     pub fn key(&self) -> &str {
         match self {
             Self::Put(record) => &record.key,
-            Self::Delete(key) => key,
+            Self::Release { key, .. } => key,
         }
     }
 }
