@@ -847,7 +847,8 @@ mod tests {
     #[test]
     fn scores_add_up_against_the_threshold() {
         let rules = RuleSet::default();
-        // Velocity alone (40) stays under 60; velocity and amount (80) reach it.
+        // Each rule alone reaches the threshold by default (a card-testing burst is an alert on
+        // its own); scores still add up, and a threshold above one rule needs two.
         let mut profile = CardProfile::default();
         for i in 0..5 {
             apply(
@@ -857,9 +858,89 @@ mod tests {
             );
         }
         let small = score(&rules, &profile, &tx(60, 20.0, 0.0, 0.0, Channel::Ecom));
-        assert_eq!(total(&small), 40);
-        assert!(total(&small) < rules.threshold);
+        assert_eq!(total(&small), 60);
+        assert!(total(&small) >= rules.threshold);
         let big = score(&rules, &profile, &tx(60, 2000.0, 0.0, 0.0, Channel::Ecom));
-        assert_eq!(total(&big), 80);
+        assert_eq!(total(&big), 120);
+        let stricter = RuleSet {
+            threshold: 100,
+            ..rules.clone()
+        };
+        assert!(
+            total(&score(
+                &stricter,
+                &profile,
+                &tx(60, 20.0, 0.0, 0.0, Channel::Ecom)
+            )) < 100
+        );
+    }
+
+    #[test]
+    fn a_payee_paid_as_much_before_is_not_an_amount_anomaly() {
+        let rules = RuleSet::default();
+        let mut profile = CardProfile::default();
+        let mut rent = tx(0, 900.0, 0.0, 0.0, Channel::Ecom);
+        rent.merchant_id = "landlord".into();
+        apply(&rules, &mut profile, &rent);
+        for i in 1..20 {
+            apply(
+                &rules,
+                &mut profile,
+                &tx(i * 3600, 30.0, 0.0, 0.0, Channel::Pos),
+            );
+        }
+        // Next month's rent: the card's norm for that payee.
+        let mut again = tx(30 * 86_400, 950.0, 0.0, 0.0, Channel::Ecom);
+        again.merchant_id = "landlord".into();
+        assert!(score(&rules, &profile, &again).is_empty());
+        // The same amount anywhere else is thirty times the card's usual.
+        let elsewhere = tx(30 * 86_400, 950.0, 0.0, 0.0, Channel::Ecom);
+        assert_eq!(
+            score(&rules, &profile, &elsewhere)
+                .iter()
+                .map(|r| r.rule)
+                .collect::<Vec<_>>(),
+            vec![Rule::AmountAnomaly]
+        );
+    }
+
+    #[test]
+    fn an_impossible_sighting_does_not_move_the_card() {
+        let rules = RuleSet::default();
+        let fired = run(
+            &rules,
+            &[
+                tx(0, 10.0, BERLIN.0, BERLIN.1, Channel::Pos),
+                tx(1800, 10.0, NEW_YORK.0, NEW_YORK.1, Channel::Atm),
+                // The holder, still in Berlin an hour later: not impossible from Berlin.
+                tx(3600, 10.0, BERLIN.0, BERLIN.1, Channel::Pos),
+            ],
+        );
+        assert_eq!(fired[1], vec![Rule::ImpossibleTravel]);
+        assert!(fired[2].is_empty(), "{fired:?}");
+    }
+
+    #[test]
+    fn unusual_merchants_need_a_rare_category_and_a_new_country() {
+        let rules = RuleSet::default();
+        let rule = &rules.unusual_merchant;
+        let mut profile = CardProfile::default();
+        for i in 0..10 {
+            apply(
+                &rules,
+                &mut profile,
+                &tx(i * 3600, 20.0, 0.0, 0.0, Channel::Pos),
+            );
+        }
+        let mut betting = tx(11 * 3600, 40.0, 0.0, 0.0, Channel::Ecom);
+        betting.merchant_category = "7995".into();
+        betting.country = "KY".into();
+        let reason = unusual_merchant(rule, &profile, &betting, Some(0.0001)).unwrap();
+        assert_eq!(reason.rule, Rule::UnusualMerchant);
+        // A common category, a country the card used, or a cold model: nothing.
+        assert!(unusual_merchant(rule, &profile, &betting, Some(0.05)).is_none());
+        assert!(unusual_merchant(rule, &profile, &betting, None).is_none());
+        betting.country = "DE".into();
+        assert!(unusual_merchant(rule, &profile, &betting, Some(0.0001)).is_none());
     }
 }

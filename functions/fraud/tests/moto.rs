@@ -117,10 +117,12 @@ fn alert_counts(bodies: &[String]) -> BTreeMap<String, usize> {
     counts
 }
 
-const EXPECTED_ALERTS: [&str; 4] = [
+const EXPECTED_ALERTS: [&str; 6] = [
+    "tx-amount-big",
     "tx-blocked-card",
     "tx-blocked-merchant",
     "tx-travel-1",
+    "tx-velocity-5",
     "tx-velocity-amount",
 ];
 
