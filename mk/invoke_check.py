@@ -174,8 +174,9 @@ def check(clients, env, port):
            f"(got {json.dumps(response)})")
     alerts = sorted(json.loads(b)["transactionId"]
                     for b in drain(clients["sqs"], env["ALERTS_QUEUE_URL"]))
-    expected = ["tx-blocked-card", "tx-blocked-merchant", "tx-travel-1", "tx-velocity-amount"]
-    expect(alerts == expected, f"the 4 suspicious transactions raised one alert each: {alerts}")
+    expected = ["tx-amount-big", "tx-blocked-card", "tx-blocked-merchant", "tx-travel-1",
+                "tx-velocity-5", "tx-velocity-amount"]
+    expect(alerts == expected, f"the 6 suspicious transactions raised one alert each: {alerts}")
 
     # aggregation: one tumbling window, first → middle → final, each answer's state being the
     # state the next sample carries (events/README.md); the final invoke writes the aggregates.

@@ -80,7 +80,7 @@ step "make validate" make --no-print-directory validate
 # fuzz harness's properties through prop_decoders).
 step "make -n of the AWS-only and long-running targets" \
   make --no-print-directory -n deploy ENV=prod logs FN=FraudFunction delete redrive QUEUE_URL=x \
-  proptest-long chaos-long fuzz fuzz-check bench watch
+  proptest-long chaos-long fuzz fuzz-check bench fraud-eval watch
 
 # x86_64: CI has only the host's Rust target; arm64 would need a target download.
 step "make build ARCH=x86_64" make --no-print-directory build ARCH=x86_64

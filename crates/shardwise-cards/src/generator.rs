@@ -4,6 +4,13 @@
 //! and what the benchmarks decode are the same shape: [`TransactionGenerator`] for realistic
 //! traffic (cards with habits, fraud patterns, poison), [`card_transaction`] for a fixed ~1 KiB
 //! record with nested objects, the size a real acquirer payload has.
+//!
+//! Every transaction either generator makes carries a [`Label`]: the fraud pattern it belongs
+//! to, or what kind of ordinary traffic it is. [`scenario`] makes the labelled evaluation set.
+
+pub mod scenario;
+
+pub use scenario::{ScenarioOptions, scenario};
 
 use std::borrow::Cow;
 
@@ -13,6 +20,97 @@ use serde::Deserialize;
 use serde_json::json;
 use shardwise::producer::ProducerRecord;
 use shardwise::testing::{event_json, plain, sequence_number};
+
+/// A fraud pattern.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Pattern {
+    /// A burst of small purchases, often at many merchants (a stolen number being tried).
+    CardTesting,
+    /// A purchase far above the card's norm, often through a new channel.
+    AccountTakeover,
+    /// Card present in two places too far apart for the time between them.
+    ImpossibleTravel,
+    /// A blocklisted merchant or card range.
+    Blocklisted,
+    /// A merchant category or country unusual for the card.
+    UnusualMerchant,
+}
+
+impl Pattern {
+    pub const ALL: [Pattern; 5] = [
+        Pattern::CardTesting,
+        Pattern::AccountTakeover,
+        Pattern::ImpossibleTravel,
+        Pattern::Blocklisted,
+        Pattern::UnusualMerchant,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Pattern::CardTesting => "card_testing",
+            Pattern::AccountTakeover => "account_takeover",
+            Pattern::ImpossibleTravel => "impossible_travel",
+            Pattern::Blocklisted => "blocklisted",
+            Pattern::UnusualMerchant => "unusual_merchant",
+        }
+    }
+}
+
+/// Kinds of ordinary traffic, so an evaluation can say where false positives come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Normal {
+    Everyday,
+    /// The two days after a card's payday: bigger baskets.
+    Payday,
+    /// The monthly payment to the card's landlord.
+    Rent,
+    /// A trip: flights, and days of spending in another city.
+    Travel,
+    /// A card's first days.
+    NewCard,
+}
+
+impl Normal {
+    pub fn name(self) -> &'static str {
+        match self {
+            Normal::Everyday => "everyday",
+            Normal::Payday => "payday",
+            Normal::Rent => "rent",
+            Normal::Travel => "travel",
+            Normal::NewCard => "new_card",
+        }
+    }
+}
+
+/// What a generated record is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Label {
+    Normal(Normal),
+    /// A transaction of a fraud incident (one incident may be several transactions).
+    Fraud {
+        pattern: Pattern,
+        incident: u64,
+    },
+    /// Not a transaction at all (not JSON, wrong shape).
+    Poison,
+}
+
+impl Label {
+    pub fn pattern(self) -> Option<Pattern> {
+        match self {
+            Label::Fraud { pattern, .. } => Some(pattern),
+            _ => None,
+        }
+    }
+}
+
+/// A generated record, its event time and its label.
+#[derive(Debug, Clone)]
+pub struct Labelled {
+    pub record: ProducerRecord,
+    pub at_ms: i64,
+    pub label: Label,
+}
 
 /// What [`TransactionGenerator`] produces.
 #[derive(Debug, Clone, PartialEq)]
@@ -95,7 +193,7 @@ pub struct TransactionGenerator {
     options: GeneratorOptions,
     next_id: u64,
     /// Records of started fraud patterns still to send.
-    queued: std::collections::VecDeque<ProducerRecord>,
+    queued: std::collections::VecDeque<Labelled>,
     pub poison: u64,
     pub fraud_patterns: u64,
 }
@@ -160,9 +258,20 @@ impl TransactionGenerator {
 
     /// The next record to send at `at_ms`.
     pub fn next_record(&mut self, at_ms: i64) -> ProducerRecord {
+        self.next_labelled(at_ms).record
+    }
+
+    /// The next record to send at `at_ms`, with what it is. (A fraud pattern's later records
+    /// carry their own event times, after `at_ms`.)
+    pub fn next_labelled(&mut self, at_ms: i64) -> Labelled {
         if let Some(record) = self.queued.pop_front() {
             return record;
         }
+        let plain = |record, label| Labelled {
+            record,
+            at_ms,
+            label,
+        };
         let roll: f64 = self.rng.random();
         if roll < self.options.poison_share {
             self.poison += 1;
@@ -172,43 +281,58 @@ impl TransactionGenerator {
                 1 => br#"{"transaction_id": 42, "card_id": null}"#.to_vec(),
                 _ => br#"{"truncated": "#.to_vec(),
             };
-            return ProducerRecord::new(card, data);
+            return plain(ProducerRecord::new(card, data), Label::Poison);
         }
         if roll < self.options.poison_share + self.options.fraud_share {
             self.fraud_patterns += 1;
+            let incident = self.fraud_patterns;
+            let fraud = |pattern| Label::Fraud { pattern, incident };
+            let labelled = |record, at_ms, label| Labelled {
+                record,
+                at_ms,
+                label,
+            };
             let (card, n) = self.card();
             let (home, usual) = Self::habits(n);
             match self.rng.random_range(0..4) {
                 // Card testing: a burst of transactions within seconds, then a large one
                 // (velocity and amount anomaly together pass the alert threshold).
                 0 => {
+                    let label = fraud(Pattern::CardTesting);
                     for i in 0..12 {
                         let r = self.transaction(&card, at_ms + i * 500, home, usual, None);
-                        self.queued.push_back(r);
+                        self.queued.push_back(labelled(r, at_ms + i * 500, label));
                     }
                     let big = self.transaction(&card, at_ms + 6_500, home, usual * 40.0, None);
-                    self.queued.push_back(big);
+                    self.queued.push_back(labelled(big, at_ms + 6_500, label));
                 }
                 // Impossible travel: at home, then on another continent ten minutes later.
                 1 => {
                     let a = self.transaction(&card, at_ms, home, usual, None);
                     let b = self.transaction(&card, at_ms + 600_000, home + 3, usual, None);
-                    self.queued.extend([a, b]);
+                    self.queued.extend([
+                        labelled(a, at_ms, Label::Normal(Normal::Everyday)),
+                        labelled(b, at_ms + 600_000, fraud(Pattern::ImpossibleTravel)),
+                    ]);
                 }
                 // Amount anomaly: a quick history of usual amounts, then a spike.
                 2 => {
+                    let label = fraud(Pattern::AccountTakeover);
                     for i in 0..8 {
                         let r = self.transaction(&card, at_ms + i * 20_000, home, usual, None);
-                        self.queued.push_back(r);
+                        self.queued
+                            .push_back(labelled(r, at_ms + i * 20_000, label));
                     }
                     let spike = self.transaction(&card, at_ms + 170_000, home, 9_500.0, None);
-                    self.queued.push_back(spike);
+                    self.queued
+                        .push_back(labelled(spike, at_ms + 170_000, label));
                 }
                 // Known signature: a blocklisted merchant.
                 _ => {
                     let merchant = self.options.blocked_merchant.clone();
                     let r = self.transaction(&card, at_ms, home, usual, Some(&merchant));
-                    self.queued.push_back(r);
+                    self.queued
+                        .push_back(labelled(r, at_ms, fraud(Pattern::Blocklisted)));
                 }
             }
             if let Some(record) = self.queued.pop_front() {
@@ -218,7 +342,8 @@ impl TransactionGenerator {
         let (card, n) = self.card();
         let (home, usual) = Self::habits(n);
         let amount = usual * self.rng.random_range(0.8..1.25);
-        self.transaction(&card, at_ms, home, amount, None)
+        let record = self.transaction(&card, at_ms, home, amount, None);
+        plain(record, Label::Normal(Normal::Everyday))
     }
 }
 

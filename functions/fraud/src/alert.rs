@@ -5,6 +5,7 @@ use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
+use crate::model::Contribution;
 use crate::rules::Reason;
 
 /// The alert message body (camelCase JSON).
@@ -22,6 +23,19 @@ pub struct Alert {
     pub currency: String,
     /// The transaction's own time, RFC 3339.
     pub transaction_timestamp: String,
+    /// What the anomaly model made of the transaction, whichever rules fired (absent while the
+    /// shard's model warms up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelView>,
+}
+
+/// The anomaly model's score of an alerted transaction and the features that drove it
+/// (attribution), largest part first.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelView {
+    pub score: f64,
+    pub threshold: f64,
+    pub features: Vec<Contribution>,
 }
 
 /// What a queue needs to know of an alert besides its body (FIFO queues group and deduplicate).
@@ -186,6 +200,16 @@ impl InMemoryAlertSink {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
+    }
+
+    /// The bodies sent so far, forgetting them.
+    pub fn take(&self) -> Vec<String> {
+        std::mem::take(
+            &mut *self
+                .sent
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
     }
 
     pub fn alerts(&self) -> Vec<Alert> {

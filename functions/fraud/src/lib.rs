@@ -2,6 +2,8 @@
 //! alert to SQS for the suspicious ones, once per transaction.
 //!
 //! - [`rules`]: the rules (velocity, impossible travel, amount anomaly, blocklists), pure.
+//! - [`model`]: the streaming anomaly model (a Random Cut Forest per shard), its features, and
+//!   its snapshots, so a cold start resumes it.
 //! - [`state`]: card history in DynamoDB, read and written once per batch, guarded by sequence
 //!   number so a redelivered record never moves a card backwards, with an outbox of alerts.
 //! - [`alert`]: the alert message and the SQS queue.
@@ -18,12 +20,15 @@
 //! the batch, each scored against the profile its predecessors left.
 
 pub mod alert;
+pub mod eval;
 #[cfg(feature = "local")]
 pub mod local;
+pub mod model;
 pub mod rules;
 pub mod state;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use serde::Deserialize;
 use shardwise::clock::Clock;
@@ -38,8 +43,15 @@ use shardwise_cards::canary::{CanaryAck, CanaryAckStore};
 use shardwise_cards::transaction::{StreamPayload, Transaction};
 use tracing::{info, warn};
 
-use crate::alert::{Alert, AlertSink, OutgoingAlert};
-use crate::rules::{AmountRule, Blocklist, CardRange, RuleSet, TravelRule, VelocityRule};
+use crate::alert::{Alert, AlertSink, ModelView, OutgoingAlert};
+use crate::model::snapshot::{MAX_SNAPSHOT_BYTES, MODEL_KEY_PREFIX, snapshot_size_bound};
+use crate::model::{
+    InMemoryModelStore, ModelStore, Point, ShardModel, SnapshotError, features, shard_seed,
+};
+use crate::rules::{
+    AmountRule, AnomalyRule, Blocklist, CardRange, Reason, Rule, RuleSet, TravelRule,
+    UnusualMerchantRule, VelocityRule,
+};
 use crate::state::{AppliedPosition, CardState, CardStateStore, StateError};
 
 /// The consumer name this function acknowledges canaries under.
@@ -114,6 +126,29 @@ impl FraudSettings {
             .collect::<Result<Vec<_>, _>>()?;
         let ttl_days: u32 =
             env.parse_or("FRAUD_CARD_STATE_TTL_DAYS", 90, "days, a whole number")?;
+        let anomaly = &defaults.anomaly;
+        let whole_from_1 = |name: &str, default: usize| -> Result<usize, ConfigError> {
+            let value: usize = env.parse_or(name, default, "a whole number from 1")?;
+            if value == 0 {
+                return Err(invalid(name, "0".into(), "a whole number from 1"));
+            }
+            Ok(value)
+        };
+        let trees = whole_from_1("FRAUD_MODEL_TREES", anomaly.trees)?;
+        let sample_size = whole_from_1("FRAUD_MODEL_SAMPLE_SIZE", anomaly.sample_size)?;
+        if snapshot_size_bound(trees, sample_size) > MAX_SNAPSHOT_BYTES {
+            return Err(invalid(
+                "FRAUD_MODEL_TREES",
+                format!("{trees} (with FRAUD_MODEL_SAMPLE_SIZE={sample_size})"),
+                "trees × sample size small enough for the snapshot to fit in one DynamoDB item \
+                 (trees × sample size ≤ about 9,600)",
+            ));
+        }
+        let snapshot_seconds: u32 = env.parse_or(
+            "FRAUD_MODEL_SNAPSHOT_SECONDS",
+            (anomaly.snapshot_interval_ms / 1000) as u32,
+            "seconds, a whole number",
+        )?;
 
         Ok(Self {
             alerts_queue_url: env.required(
@@ -168,6 +203,33 @@ impl FraudSettings {
                     )?,
                     card_score: score("FRAUD_BLOCKED_CARD_SCORE", defaults.blocklist.card_score)?,
                 },
+                unusual_merchant: UnusualMerchantRule {
+                    min_history: env.parse_or(
+                        "FRAUD_UNUSUAL_MERCHANT_MIN_HISTORY",
+                        defaults.unusual_merchant.min_history,
+                        "a whole number",
+                    )?,
+                    max_category_share: positive(
+                        "FRAUD_UNUSUAL_MERCHANT_MAX_SHARE",
+                        defaults.unusual_merchant.max_category_share,
+                    )?,
+                    score: score(
+                        "FRAUD_UNUSUAL_MERCHANT_SCORE",
+                        defaults.unusual_merchant.score,
+                    )?,
+                },
+                anomaly: AnomalyRule {
+                    threshold: positive("FRAUD_ANOMALY_THRESHOLD", anomaly.threshold)?,
+                    score: score("FRAUD_ANOMALY_SCORE", anomaly.score)?,
+                    trees,
+                    sample_size,
+                    warmup: env.parse_or(
+                        "FRAUD_MODEL_WARMUP",
+                        anomaly.warmup,
+                        "a whole number of transactions",
+                    )?,
+                    snapshot_interval_ms: i64::from(snapshot_seconds) * 1000,
+                },
             },
             common,
         })
@@ -204,6 +266,13 @@ impl<'d> FromRecordData<'d> for FraudPayload<'d> {
             if tx.card_id.is_empty() {
                 return Err(wrong("card_id", "card_id is empty".into()));
             }
+            if tx.card_id.starts_with(MODEL_KEY_PREFIX) {
+                // The card state table keeps the shards' models under these keys.
+                return Err(wrong(
+                    "card_id",
+                    format!("card_id may not start with {MODEL_KEY_PREFIX}"),
+                ));
+            }
             if tx.transaction_id.is_empty() {
                 return Err(wrong("transaction_id", "transaction_id is empty".into()));
             }
@@ -215,7 +284,7 @@ impl<'d> FromRecordData<'d> for FraudPayload<'d> {
 /// Scores a batch: reads the cards' histories, applies the batch's transactions in order, writes
 /// the histories back, sends the alerts, acknowledges canaries.
 #[derive(Debug)]
-pub struct FraudHandler<S, A, K, C> {
+pub struct FraudHandler<S, A, K, C, M = InMemoryModelStore> {
     store: S,
     alerts: A,
     canaries: K,
@@ -223,9 +292,37 @@ pub struct FraudHandler<S, A, K, C> {
     rules: RuleSet,
     /// Retries of the outbox update after alerts went out (a failure there means a duplicate).
     outbox_retry: ExponentialBackoff,
+    model_store: M,
+    /// The shards' models this instance holds, kept across invocations.
+    models: Mutex<HashMap<String, LoadedModel>>,
+    /// Every scored transaction's scores, when asked for (the evaluation's plot).
+    score_log: Option<Mutex<Vec<Scored>>>,
+}
+
+/// A shard's model in memory, and where its snapshot stands.
+#[derive(Debug)]
+struct LoadedModel {
+    model: ShardModel,
+    /// The stored snapshot's version (0: none).
+    version: u64,
+    snapshot_at: i64,
+    /// Updates since the last snapshot.
+    unsaved: u64,
+}
+
+/// One scored transaction, as [`FraudHandler::recording_scores`] keeps it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Scored {
+    pub transaction_id: String,
+    /// The rules' total, the anomaly rule included.
+    pub total: u32,
+    /// The model's score (`None` while it warms up).
+    pub anomaly: Option<f64>,
 }
 
 impl<S, A, K, C> FraudHandler<S, A, K, C> {
+    /// A handler whose models live in memory only; give it a store with
+    /// [`FraudHandler::with_model_store`] to resume them after a cold start.
     pub fn new(store: S, alerts: A, canaries: K, clock: C, rules: RuleSet) -> Self {
         Self {
             store,
@@ -237,7 +334,57 @@ impl<S, A, K, C> FraudHandler<S, A, K, C> {
                 max_retries: 3,
                 ..ExponentialBackoff::default()
             },
+            model_store: InMemoryModelStore::new(),
+            models: Mutex::new(HashMap::new()),
+            score_log: None,
         }
+    }
+}
+
+impl<S, A, K, C, M> FraudHandler<S, A, K, C, M> {
+    /// The same handler with its shards' models snapshotted to `model_store`.
+    pub fn with_model_store<M2>(self, model_store: M2) -> FraudHandler<S, A, K, C, M2> {
+        FraudHandler {
+            store: self.store,
+            alerts: self.alerts,
+            canaries: self.canaries,
+            clock: self.clock,
+            rules: self.rules,
+            outbox_retry: self.outbox_retry,
+            model_store,
+            models: self.models,
+            score_log: self.score_log,
+        }
+    }
+
+    /// Keep every scored transaction's scores ([`FraudHandler::take_scores`]).
+    pub fn recording_scores(mut self) -> Self {
+        self.score_log = Some(Mutex::new(Vec::new()));
+        self
+    }
+
+    /// The scores kept since the last call.
+    pub fn take_scores(&self) -> Vec<Scored> {
+        self.score_log
+            .as_ref()
+            .map(|log| std::mem::take(&mut *lock(log)))
+            .unwrap_or_default()
+    }
+
+    pub fn model_store(&self) -> &M {
+        &self.model_store
+    }
+
+    /// Transactions the shard's model in memory has learnt, if it holds one.
+    pub fn model_updates(&self, shard_id: &str) -> Option<u64> {
+        lock(&self.models)
+            .get(shard_id)
+            .map(|m| m.model.forest.updates())
+    }
+
+    /// Forget the models in memory, as a cold start would.
+    pub fn drop_models(&self) {
+        lock(&self.models).clear();
     }
 
     pub fn store(&self) -> &S {
@@ -257,12 +404,16 @@ impl<S, A, K, C> FraudHandler<S, A, K, C> {
     }
 }
 
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// The processor the fraud function runs: batches bisected on permanent failure.
-pub fn processor<S, A, K, C, D>(
-    handler: FraudHandler<S, A, K, C>,
+pub fn processor<S, A, K, C, M, D>(
+    handler: FraudHandler<S, A, K, C, M>,
     dead_letters: D,
     common: &CommonSettings,
-) -> Processor<Bisecting<FraudHandler<S, A, K, C>>, D>
+) -> Processor<Bisecting<FraudHandler<S, A, K, C, M>>, D>
 where
     D: DeadLetterSink,
 {
@@ -300,14 +451,24 @@ struct BatchSummary {
     alerts_decided: usize,
     alerts_sent: usize,
     canaries: usize,
+    learnt: usize,
 }
 
-impl<'d, S, A, K, C> BatchHandler<'d> for FraudHandler<S, A, K, C>
+/// A transaction the model learns once its card's state is written.
+struct Lesson<'b> {
+    position: usize,
+    shard_id: &'b str,
+    point: Point,
+    category: &'b str,
+}
+
+impl<'d, S, A, K, C, M> BatchHandler<'d> for FraudHandler<S, A, K, C, M>
 where
     S: CardStateStore,
     A: AlertSink,
     K: CanaryAckStore,
     C: Clock,
+    M: ModelStore,
 {
     type Payload = FraudPayload<'d>;
 
@@ -320,9 +481,10 @@ where
 
         // Transactions grouped by card, each group in stream order.
         let mut acks = Vec::new();
-        let mut cards: Vec<(&str, Vec<(&Record<'d>, &Transaction<'d>)>)> = Vec::new();
+        let mut cards: Vec<(&str, Vec<(&Record<'d>, &Transaction<'d>, usize)>)> = Vec::new();
         let mut slots: HashMap<&str, usize> = HashMap::new();
-        for item in batch {
+        let mut shards: Vec<&str> = Vec::new();
+        for (position, item) in batch.iter().enumerate() {
             match &item.payload.0 {
                 StreamPayload::Canary(canary) => acks.push(CanaryAck {
                     canary_id: canary.canary_id.to_string(),
@@ -336,7 +498,10 @@ where
                         cards.push((card, Vec::new()));
                         cards.len() - 1
                     });
-                    cards[slot].1.push((item.record, tx));
+                    cards[slot].1.push((item.record, tx, position));
+                    if !shards.contains(&item.record.shard_id) {
+                        shards.push(item.record.shard_id);
+                    }
                     summary.transactions += 1;
                 }
             }
@@ -346,57 +511,134 @@ where
         let mut failure: Option<HandlerError> = None;
         if !cards.is_empty() {
             let ids: Vec<&str> = cards.iter().map(|(id, _)| *id).collect();
+            self.load_models(&shards, now_ms).await;
             let loaded = self.store.load(&ids).await.map_err(|e| state_failure(&e))?;
 
             let mut changed = Vec::new();
+            let mut lessons: Vec<Vec<Lesson<'_>>> = Vec::new();
             let mut outbox = Vec::new();
-            for ((card_id, txs), stored) in cards.iter().zip(loaded) {
-                let mut state = stored.unwrap_or_else(|| CardState::new(*card_id));
-                let before = state.last_applied.clone();
-                for &(record, tx) in txs {
-                    if state
-                        .last_applied
-                        .as_ref()
-                        .is_some_and(|p| p.covers(record))
-                    {
-                        summary.already_applied += 1;
-                        continue;
-                    }
-                    if state.profile.has_seen(&tx.transaction_id) {
-                        // The same transaction in another record (a producer retry).
-                        state.last_applied = Some(AppliedPosition::of(record));
-                        summary.duplicates += 1;
-                        continue;
-                    }
-                    let reasons = rules::score(&self.rules, &state.profile, tx);
-                    rules::apply(&self.rules, &mut state.profile, tx);
-                    state.last_applied = Some(AppliedPosition::of(record));
-                    let score = rules::total(&reasons);
-                    if score >= self.rules.threshold && score > 0 {
-                        let alert = Alert {
-                            transaction_id: tx.transaction_id.to_string(),
-                            card_id: tx.card_id.to_string(),
-                            score,
-                            reasons,
-                            detected_at: Timestamp::from_epoch_millis(now_ms).to_rfc3339(),
-                            merchant_id: tx.merchant_id.to_string(),
-                            amount: tx.amount,
-                            currency: tx.currency.to_string(),
-                            transaction_timestamp: tx.timestamp.to_rfc3339(),
+            let scores = {
+                let models = lock(&self.models);
+                let mut scores = self.score_log.as_ref().map(|_| Vec::new());
+                for ((card_id, txs), stored) in cards.iter().zip(loaded) {
+                    let mut state = stored.unwrap_or_else(|| CardState::new(*card_id));
+                    let before = state.last_applied.clone();
+                    let mut card_lessons = Vec::new();
+                    for &(record, tx, position) in txs {
+                        if state
+                            .last_applied
+                            .as_ref()
+                            .is_some_and(|p| p.covers(record))
+                        {
+                            summary.already_applied += 1;
+                            continue;
+                        }
+                        if state.profile.has_seen(&tx.transaction_id) {
+                            // The same transaction in another record (a producer retry).
+                            state.last_applied = Some(AppliedPosition::of(record));
+                            summary.duplicates += 1;
+                            continue;
+                        }
+                        let mut reasons = rules::score(&self.rules, &state.profile, tx);
+                        let model = models.get(record.shard_id).map(|m| &m.model);
+                        let share = model.map(|m| m.category_share(&tx.merchant_category));
+                        let verdict = model.zip(share).map(|(model, share)| {
+                            let point = features::features(&self.rules, &state.profile, tx, share);
+                            model.judge(&self.rules.anomaly, point)
+                        });
+                        let warm = verdict.and_then(|v| v.score).is_some();
+                        reasons.extend(rules::unusual_merchant(
+                            &self.rules.unusual_merchant,
+                            &state.profile,
+                            tx,
+                            share.filter(|_| warm),
+                        ));
+                        let anomaly = &self.rules.anomaly;
+                        let fired = verdict
+                            .and_then(|v| v.score)
+                            .filter(|&score| score >= anomaly.threshold);
+                        let explained = match (model, verdict) {
+                            (Some(model), Some(v)) if fired.is_some() => model.explain(&v.point),
+                            _ => Vec::new(),
                         };
-                        let body = serde_json::to_string(&alert).map_err(|e| {
-                            HandlerError::permanent(format!("alert not serializable: {e}"))
-                        })?;
-                        state.pending_alerts.push(body);
-                        summary.alerts_decided += 1;
+                        if let Some(score) = fired {
+                            let drivers: Vec<String> = explained
+                                .iter()
+                                .map(|c| format!("{} ({:.2})", c.feature.name(), c.score))
+                                .collect();
+                            reasons.push(Reason {
+                                rule: Rule::Anomaly,
+                                score: anomaly.score,
+                                detail: format!(
+                                    "anomaly score {score:.2} (threshold {:.2}), driven by {}",
+                                    anomaly.threshold,
+                                    drivers.join(", ")
+                                ),
+                            });
+                        }
+                        rules::apply(&self.rules, &mut state.profile, tx);
+                        state.last_applied = Some(AppliedPosition::of(record));
+                        if let Some(v) = verdict {
+                            card_lessons.push(Lesson {
+                                position,
+                                shard_id: record.shard_id,
+                                point: v.point,
+                                category: &tx.merchant_category,
+                            });
+                        }
+                        let score = rules::total(&reasons);
+                        if let Some(scores) = scores.as_mut() {
+                            scores.push(Scored {
+                                transaction_id: tx.transaction_id.to_string(),
+                                total: score,
+                                anomaly: verdict.and_then(|v| v.score),
+                            });
+                        }
+                        if score >= self.rules.threshold && score > 0 {
+                            let model_view = match (model, verdict) {
+                                (Some(m), Some(v)) => v.score.map(|score| ModelView {
+                                    score,
+                                    threshold: anomaly.threshold,
+                                    features: if explained.is_empty() {
+                                        m.explain(&v.point)
+                                    } else {
+                                        explained.clone()
+                                    },
+                                }),
+                                _ => None,
+                            };
+                            let alert = Alert {
+                                transaction_id: tx.transaction_id.to_string(),
+                                card_id: tx.card_id.to_string(),
+                                score,
+                                reasons,
+                                detected_at: Timestamp::from_epoch_millis(now_ms).to_rfc3339(),
+                                merchant_id: tx.merchant_id.to_string(),
+                                amount: tx.amount,
+                                currency: tx.currency.to_string(),
+                                transaction_timestamp: tx.timestamp.to_rfc3339(),
+                                model: model_view,
+                            };
+                            let body = serde_json::to_string(&alert).map_err(|e| {
+                                HandlerError::permanent(format!("alert not serializable: {e}"))
+                            })?;
+                            state.pending_alerts.push(body);
+                            summary.alerts_decided += 1;
+                        }
+                    }
+                    if state.last_applied != before {
+                        changed.push(state);
+                        lessons.push(card_lessons);
+                    } else if !state.pending_alerts.is_empty() {
+                        // Nothing new, but alerts of an earlier delivery were never confirmed sent.
+                        outbox.push(state);
                     }
                 }
-                if state.last_applied != before {
-                    changed.push(state);
-                } else if !state.pending_alerts.is_empty() {
-                    // Nothing new, but alerts of an earlier delivery were never confirmed sent.
-                    outbox.push(state);
-                }
+
+                scores
+            };
+            if let (Some(log), Some(scores)) = (self.score_log.as_ref(), scores) {
+                lock(log).extend(scores);
             }
 
             let results = if changed.is_empty() {
@@ -404,9 +646,14 @@ where
             } else {
                 self.store.save(&changed, now_ms).await
             };
-            for (mut state, result) in changed.into_iter().zip(results) {
+            let mut learn: Vec<Lesson<'_>> = Vec::new();
+            for ((mut state, result), card_lessons) in changed.into_iter().zip(results).zip(lessons)
+            {
                 match result {
                     Ok(()) => {
+                        // Only what the card's guard now records as applied is learnt: a
+                        // redelivery of it is skipped above and never learnt twice.
+                        learn.extend(card_lessons);
                         state.version += 1;
                         if !state.pending_alerts.is_empty() {
                             outbox.push(state);
@@ -418,6 +665,9 @@ where
                     }
                 }
             }
+
+            summary.learnt = learn.len();
+            self.learn(learn, now_ms).await;
 
             if !outbox.is_empty() {
                 let (sent, error) = self.flush(&outbox).await;
@@ -445,13 +695,125 @@ where
             alerts_decided = summary.alerts_decided,
             alerts_sent = summary.alerts_sent,
             canaries = summary.canaries,
+            learnt = summary.learnt,
             "fraud batch scored"
         );
         failure.map_or(Ok(()), Err)
     }
 }
 
-impl<S, A, K, C> FraudHandler<S, A, K, C>
+impl<S, A, K, C, M> FraudHandler<S, A, K, C, M>
+where
+    M: ModelStore,
+{
+    /// Make sure the shards' models are in memory: resumed from their snapshots, or new.
+    async fn load_models(&self, shards: &[&str], now_ms: i64) {
+        let missing: Vec<&str> = {
+            let models = lock(&self.models);
+            shards
+                .iter()
+                .copied()
+                .filter(|s| !models.contains_key(*s))
+                .collect()
+        };
+        for shard_id in missing {
+            let rule = &self.rules.anomaly;
+            let (model, version) = match self.model_store.load(shard_id).await {
+                Ok(Some(stored)) => match ShardModel::from_snapshot(&stored.bytes, rule) {
+                    Ok(model) => {
+                        info!(
+                            shard_id,
+                            learnt = model.forest.updates(),
+                            "anomaly model resumed from its snapshot"
+                        );
+                        (model, stored.version)
+                    }
+                    Err(error) => {
+                        // Overwritten by the next snapshot (written against this version).
+                        warn!(
+                            shard_id,
+                            "anomaly model snapshot not used, starting anew: {error}"
+                        );
+                        (ShardModel::new(rule, shard_seed(shard_id)), stored.version)
+                    }
+                },
+                Ok(None) => (ShardModel::new(rule, shard_seed(shard_id)), 0),
+                Err(error) => {
+                    // Scoring goes on with a new model; its first snapshot (version 0) cannot
+                    // overwrite the stored one, and the next batch loads that instead.
+                    warn!(
+                        shard_id,
+                        "anomaly model snapshot not loaded, starting anew: {error}"
+                    );
+                    (ShardModel::new(rule, shard_seed(shard_id)), 0)
+                }
+            };
+            lock(&self.models).insert(
+                shard_id.to_owned(),
+                LoadedModel {
+                    model,
+                    version,
+                    snapshot_at: now_ms,
+                    unsaved: 0,
+                },
+            );
+        }
+    }
+
+    /// Learn the transactions whose card states were written, in stream order; snapshot the
+    /// shards' models that are due.
+    async fn learn(&self, mut lessons: Vec<Lesson<'_>>, now_ms: i64) {
+        if lessons.is_empty() {
+            return;
+        }
+        lessons.sort_by_key(|l| l.position);
+        let due: Vec<(String, Vec<u8>, u64)> = {
+            let mut models = lock(&self.models);
+            for lesson in &lessons {
+                if let Some(loaded) = models.get_mut(lesson.shard_id) {
+                    loaded.model.learn(&lesson.point, lesson.category);
+                    loaded.unsaved += 1;
+                }
+            }
+            let interval = self.rules.anomaly.snapshot_interval_ms;
+            models
+                .iter()
+                .filter(|(_, m)| m.unsaved > 0 && now_ms - m.snapshot_at >= interval)
+                .map(|(shard, m)| (shard.clone(), m.model.to_snapshot(), m.version))
+                .collect()
+        };
+        for (shard_id, bytes, version) in due {
+            let saved = self
+                .model_store
+                .save(&shard_id, &bytes, version, now_ms)
+                .await;
+            let mut models = lock(&self.models);
+            match saved {
+                Ok(()) => {
+                    if let Some(loaded) = models.get_mut(&shard_id) {
+                        loaded.version = version + 1;
+                        loaded.snapshot_at = now_ms;
+                        loaded.unsaved = 0;
+                    }
+                }
+                Err(SnapshotError::Conflict { .. }) => {
+                    // Another instance has the shard's model now: load its snapshot next time.
+                    warn!(
+                        shard_id,
+                        "anomaly model snapshot written elsewhere; reloading it"
+                    );
+                    models.remove(&shard_id);
+                }
+                Err(error) => {
+                    // The model is still in memory; the next batch tries again.
+                    warn!(shard_id, "anomaly model snapshot not written: {error}");
+                }
+            }
+        }
+    }
+}
+
+impl<S, A, K, C, M> FraudHandler<S, A, K, C, M>
 where
     S: CardStateStore,
     A: AlertSink,

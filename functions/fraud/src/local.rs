@@ -1,11 +1,11 @@
 //! The local runner's backends for `fraud` (`SHARDWISE_BACKEND=local`, feature `local`): card
-//! state and alerts in the SQLite file the runner gives (`SHARDWISE_LOCAL_DB`).
+//! state, the anomaly models' snapshots and alerts in the SQLite file the runner gives (`SHARDWISE_LOCAL_DB`).
 
 use shardwise_sqlite::SqliteQueue;
 
 use crate::alert::{AlertError, AlertSink, OutgoingAlert};
 
-pub use crate::state::sqlite::SqliteCardStateStore;
+pub use crate::state::sqlite::{SqliteCardStateStore, SqliteModelStore};
 
 /// Alerts to the local queue `alerts`, one transaction per call.
 #[derive(Debug, Clone)]

@@ -12,6 +12,7 @@
 use std::process::ExitCode;
 
 use fraud::alert::{AlertSink, SqsAlertSink};
+use fraud::model::{DynamoDbModelStore, ModelStore};
 use fraud::state::{CardStateStore, DynamoDbCardStateStore};
 use fraud::{FraudHandler, FraudSettings};
 use shardwise::clock::SystemClock;
@@ -43,6 +44,11 @@ async fn run() -> anyhow::Result<()> {
                     &settings.card_state_table,
                     settings.card_state_ttl_seconds,
                 ),
+                DynamoDbModelStore::new(
+                    dynamodb.clone(),
+                    &settings.card_state_table,
+                    settings.card_state_ttl_seconds,
+                ),
                 SqsAlertSink::new(sqs.clone(), &settings.alerts_queue_url),
                 DynamoDbCanaryAckStore::new(dynamodb, &settings.canary_table),
                 SqsDeadLetterSink::new(sqs, &settings.common.dead_letter_queue_url),
@@ -57,12 +63,13 @@ async fn run() -> anyhow::Result<()> {
 
 #[cfg(feature = "local")]
 async fn serve_local(path: &std::path::Path, settings: &FraudSettings) -> anyhow::Result<()> {
-    use fraud::local::{SqliteAlertSink, SqliteCardStateStore};
+    use fraud::local::{SqliteAlertSink, SqliteCardStateStore, SqliteModelStore};
     use shardwise_cards::canary::SqliteCanaryAckStore;
     use shardwise_sqlite::{LocalDb, SqliteQueue, queues};
     let db = std::sync::Arc::new(LocalDb::open(path)?);
     serve(
         SqliteCardStateStore::new(db.clone(), settings.card_state_ttl_seconds),
+        SqliteModelStore::new(db.clone(), settings.card_state_ttl_seconds),
         SqliteAlertSink::new(db.clone()),
         SqliteCanaryAckStore::new(db.clone()),
         SqliteQueue::new(db, queues::DEAD_LETTERS),
@@ -78,12 +85,14 @@ async fn serve_local(_: &std::path::Path, _: &FraudSettings) -> anyhow::Result<(
 
 async fn serve(
     store: impl CardStateStore,
+    models: impl ModelStore,
     alerts: impl AlertSink,
     canaries: impl CanaryAckStore,
     dead_letters: impl DeadLetterSink,
     settings: &FraudSettings,
 ) -> anyhow::Result<()> {
-    let handler = FraudHandler::new(store, alerts, canaries, SystemClock, settings.rules.clone());
+    let handler = FraudHandler::new(store, alerts, canaries, SystemClock, settings.rules.clone())
+        .with_model_store(models);
     let processor = fraud::processor(handler, dead_letters, &settings.common);
     shardwise::run(processor)
         .await

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use shardwise_cards::transaction::{Channel, Transaction};
 
 /// Which rule fired.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Rule {
     Velocity,
@@ -19,6 +19,11 @@ pub enum Rule {
     AmountAnomaly,
     BlockedMerchant,
     BlockedCardRange,
+    /// A merchant category the card never used and the shard rarely sees, in a country the card
+    /// never used.
+    UnusualMerchant,
+    /// The streaming anomaly model's score reached its threshold ([`crate::model`]).
+    Anomaly,
 }
 
 /// One rule's contribution to a transaction's score.
@@ -60,6 +65,30 @@ pub struct AmountRule {
     pub log_std_floor: f64,
     pub min_amount: f64,
     pub score: u32,
+}
+
+/// Unusual merchant: once the card has `min_history` transactions, a purchase in a category the
+/// card never used whose share of the shard's recent transactions is under `max_category_share`,
+/// in a country the card never used.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnusualMerchantRule {
+    pub min_history: u32,
+    pub max_category_share: f64,
+    pub score: u32,
+}
+
+/// Anomaly: the shard's Random Cut Forest scores the transaction's features at `threshold` or
+/// more (an inlier scores about 1). The model's size and memory are here too.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AnomalyRule {
+    pub threshold: f64,
+    pub score: u32,
+    pub trees: usize,
+    pub sample_size: usize,
+    /// Transactions a shard's model must have seen before its scores count.
+    pub warmup: u64,
+    /// A shard's model is snapshotted at most this often (ms); 0 after every batch.
+    pub snapshot_interval_ms: i64,
 }
 
 /// Known fraud signatures: blocklisted merchants and card number ranges.
@@ -109,6 +138,8 @@ pub struct RuleSet {
     pub travel: TravelRule,
     pub amount: AmountRule,
     pub blocklist: Blocklist,
+    pub unusual_merchant: UnusualMerchantRule,
+    pub anomaly: AnomalyRule,
 }
 
 impl Default for RuleSet {
@@ -116,10 +147,12 @@ impl Default for RuleSet {
     fn default() -> Self {
         Self {
             threshold: 60,
+            // Each rule alone reaches the threshold: a card-testing burst or a single purchase
+            // many times the card's norm is an alert on its own.
             velocity: VelocityRule {
                 max_transactions: 5,
                 window_ms: 300_000,
-                score: 40,
+                score: 60,
             },
             travel: TravelRule {
                 max_kmh: 900.0,
@@ -131,12 +164,25 @@ impl Default for RuleSet {
                 z_threshold: 3.0,
                 log_std_floor: 0.5,
                 min_amount: 100.0,
-                score: 40,
+                score: 60,
             },
             blocklist: Blocklist {
                 merchant_score: 100,
                 card_score: 100,
                 ..Blocklist::default()
+            },
+            unusual_merchant: UnusualMerchantRule {
+                min_history: 5,
+                max_category_share: 0.002,
+                score: 60,
+            },
+            anomaly: AnomalyRule {
+                threshold: 2.5,
+                score: 60,
+                trees: 40,
+                sample_size: 128,
+                warmup: 1000,
+                snapshot_interval_ms: 60_000,
             },
         }
     }
@@ -203,12 +249,77 @@ pub struct CardProfile {
     /// numbers, and the second must not be scored (or alerted) again.
     #[serde(default)]
     pub seen: Vec<String>,
+    /// Epoch ms of the card's latest transaction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_at: Option<i64>,
+    /// Where the card is usually used in person: the mean of its card-present transactions
+    /// near the first one (travel does not move it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub home: Option<Home>,
+    /// The card's latest merchant categories, merchants and countries, newest last.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub categories: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub merchants: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub countries: Vec<String>,
+    /// Channels used, one bit each ([`crate::model::features::channel_bit`]).
+    #[serde(default)]
+    pub channels: u8,
+    /// Merchants the card paid a large amount (rent, insurance, school fees): paying one of them
+    /// about as much again is the card's norm, not an anomaly.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub payees: Vec<Payee>,
+}
+
+/// The usual area of a card.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Home {
+    pub lat: f64,
+    pub lon: f64,
+    pub n: u32,
+}
+
+/// A merchant the card paid a large amount, and `ln(1 + amount)` of the largest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Payee {
+    pub merchant: String,
+    pub log_amount: f64,
 }
 
 impl CardProfile {
     /// Whether the transaction was applied already (as another record).
     pub fn has_seen(&self, transaction_id: &str) -> bool {
         self.seen.iter().any(|id| id == transaction_id)
+    }
+
+    /// `ln(1 + amount)` of the largest payment to `merchant`, if it is a payee of the card.
+    pub fn payee(&self, merchant: &str) -> Option<f64> {
+        self.payees
+            .iter()
+            .find(|p| p.merchant == merchant)
+            .map(|p| p.log_amount)
+    }
+}
+
+/// How far from home a card-present transaction may be and still count as home (the area).
+const HOME_RADIUS_KM: f64 = 300.0;
+/// Latest categories, merchants, countries and payees a profile keeps.
+const MAX_CATEGORIES: usize = 12;
+const MAX_MERCHANTS: usize = 16;
+const MAX_COUNTRIES: usize = 6;
+const MAX_PAYEES: usize = 6;
+
+/// Keep `value` in a most-recent-last list of at most `max`.
+fn remember(list: &mut Vec<String>, value: &str, max: usize) {
+    if let Some(i) = list.iter().position(|v| v == value) {
+        let v = list.remove(i);
+        list.push(v);
+    } else {
+        list.push(value.to_owned());
+        if list.len() > max {
+            list.remove(0);
+        }
     }
 }
 
@@ -295,7 +406,15 @@ fn amount(rule: &AmountRule, profile: &CardProfile, tx: &Transaction<'_>) -> Opt
         return None;
     }
     let spread = stats.std_dev().max(rule.log_std_floor);
-    let z = (log_amount(tx.amount) - stats.mean) / spread;
+    let x = log_amount(tx.amount);
+    if profile
+        .payee(&tx.merchant_id)
+        .is_some_and(|usual| x <= usual + spread)
+    {
+        // A payee of the card, paid about as much as before (the rent).
+        return None;
+    }
+    let z = (x - stats.mean) / spread;
     (z >= rule.z_threshold).then(|| Reason {
         rule: Rule::AmountAnomaly,
         score: rule.score,
@@ -304,6 +423,31 @@ fn amount(rule: &AmountRule, profile: &CardProfile, tx: &Transaction<'_>) -> Opt
             tx.amount,
             stats.mean.exp() - 1.0,
             stats.n
+        ),
+    })
+}
+
+/// The unusual-merchant rule, given the category's share of the shard's recent transactions
+/// (from its model; `None` while the model warms up).
+pub fn unusual_merchant(
+    rule: &UnusualMerchantRule,
+    profile: &CardProfile,
+    tx: &Transaction<'_>,
+    category_share: Option<f64>,
+) -> Option<Reason> {
+    let share = category_share?;
+    let category = tx.merchant_category.as_ref();
+    let fires = profile.amounts.n >= rule.min_history
+        && share < rule.max_category_share
+        && !profile.categories.iter().any(|c| c == category)
+        && !profile.countries.iter().any(|c| c == tx.country.as_ref());
+    fires.then(|| Reason {
+        rule: Rule::UnusualMerchant,
+        score: rule.score,
+        detail: format!(
+            "category {category} ({:.2} % of the shard's transactions) and country {} are new for this card",
+            share * 100.0,
+            tx.country
         ),
     })
 }
@@ -348,7 +492,12 @@ pub fn apply(rules: &RuleSet, profile: &mut CardProfile, tx: &Transaction<'_>) {
         profile.recent.drain(..excess);
     }
 
-    if card_present(tx) && profile.last_seen.is_none_or(|last| at >= last.at) {
+    // A sighting that was impossible to reach does not move the card: the card is still where
+    // its holder last used it (else the holder's next purchase at home would look impossible).
+    if card_present(tx)
+        && profile.last_seen.is_none_or(|last| at >= last.at)
+        && travel(&rules.travel, profile, tx).is_none()
+    {
         profile.last_seen = Some(Sighting {
             at,
             lat: tx.lat,
@@ -356,7 +505,63 @@ pub fn apply(rules: &RuleSet, profile: &mut CardProfile, tx: &Transaction<'_>) {
         });
     }
 
-    profile.amounts.push(log_amount(tx.amount));
+    let x = log_amount(tx.amount);
+    let spread = profile.amounts.std_dev().max(rules.amount.log_std_floor);
+    if tx.amount >= rules.amount.min_amount
+        && (profile.amounts.n < rules.amount.min_history || x > profile.amounts.mean + 2.0 * spread)
+    {
+        match profile
+            .payees
+            .iter_mut()
+            .find(|p| p.merchant == tx.merchant_id.as_ref())
+        {
+            Some(payee) => payee.log_amount = payee.log_amount.max(x),
+            None => {
+                profile.payees.push(Payee {
+                    merchant: tx.merchant_id.to_string(),
+                    log_amount: x,
+                });
+                // The largest payees stay: a monthly rent outweighs a one-off big basket.
+                if profile.payees.len() > MAX_PAYEES
+                    && let Some(smallest) = (0..profile.payees.len()).min_by(|&a, &b| {
+                        profile.payees[a]
+                            .log_amount
+                            .total_cmp(&profile.payees[b].log_amount)
+                    })
+                {
+                    profile.payees.remove(smallest);
+                }
+            }
+        }
+    }
+    profile.amounts.push(x);
+    profile.last_at = Some(profile.last_at.map_or(at, |last| last.max(at)));
+    if card_present(tx) {
+        match &mut profile.home {
+            None => {
+                profile.home = Some(Home {
+                    lat: tx.lat,
+                    lon: tx.lon,
+                    n: 1,
+                });
+            }
+            Some(home) if haversine_km(home.lat, home.lon, tx.lat, tx.lon) <= HOME_RADIUS_KM => {
+                home.n = (home.n + 1).min(50);
+                let w = 1.0 / f64::from(home.n);
+                home.lat += (tx.lat - home.lat) * w;
+                home.lon += (tx.lon - home.lon) * w;
+            }
+            Some(_) => {}
+        }
+    }
+    remember(
+        &mut profile.categories,
+        &tx.merchant_category,
+        MAX_CATEGORIES,
+    );
+    remember(&mut profile.merchants, &tx.merchant_id, MAX_MERCHANTS);
+    remember(&mut profile.countries, &tx.country, MAX_COUNTRIES);
+    profile.channels |= crate::model::features::channel_bit(tx.channel);
 
     profile.seen.push(tx.transaction_id.to_string());
     if profile.seen.len() > MAX_SEEN {
@@ -365,7 +570,7 @@ pub fn apply(rules: &RuleSet, profile: &mut CardProfile, tx: &Transaction<'_>) {
     }
 }
 
-fn log_amount(amount: f64) -> f64 {
+pub(crate) fn log_amount(amount: f64) -> f64 {
     amount.max(0.0).ln_1p()
 }
 
@@ -642,7 +847,8 @@ mod tests {
     #[test]
     fn scores_add_up_against_the_threshold() {
         let rules = RuleSet::default();
-        // Velocity alone (40) stays under 60; velocity and amount (80) reach it.
+        // Each rule alone reaches the threshold by default (a card-testing burst is an alert on
+        // its own); scores still add up, and a threshold above one rule needs two.
         let mut profile = CardProfile::default();
         for i in 0..5 {
             apply(
@@ -652,9 +858,89 @@ mod tests {
             );
         }
         let small = score(&rules, &profile, &tx(60, 20.0, 0.0, 0.0, Channel::Ecom));
-        assert_eq!(total(&small), 40);
-        assert!(total(&small) < rules.threshold);
+        assert_eq!(total(&small), 60);
+        assert!(total(&small) >= rules.threshold);
         let big = score(&rules, &profile, &tx(60, 2000.0, 0.0, 0.0, Channel::Ecom));
-        assert_eq!(total(&big), 80);
+        assert_eq!(total(&big), 120);
+        let stricter = RuleSet {
+            threshold: 100,
+            ..rules.clone()
+        };
+        assert!(
+            total(&score(
+                &stricter,
+                &profile,
+                &tx(60, 20.0, 0.0, 0.0, Channel::Ecom)
+            )) < 100
+        );
+    }
+
+    #[test]
+    fn a_payee_paid_as_much_before_is_not_an_amount_anomaly() {
+        let rules = RuleSet::default();
+        let mut profile = CardProfile::default();
+        let mut rent = tx(0, 900.0, 0.0, 0.0, Channel::Ecom);
+        rent.merchant_id = "landlord".into();
+        apply(&rules, &mut profile, &rent);
+        for i in 1..20 {
+            apply(
+                &rules,
+                &mut profile,
+                &tx(i * 3600, 30.0, 0.0, 0.0, Channel::Pos),
+            );
+        }
+        // Next month's rent: the card's norm for that payee.
+        let mut again = tx(30 * 86_400, 950.0, 0.0, 0.0, Channel::Ecom);
+        again.merchant_id = "landlord".into();
+        assert!(score(&rules, &profile, &again).is_empty());
+        // The same amount anywhere else is thirty times the card's usual.
+        let elsewhere = tx(30 * 86_400, 950.0, 0.0, 0.0, Channel::Ecom);
+        assert_eq!(
+            score(&rules, &profile, &elsewhere)
+                .iter()
+                .map(|r| r.rule)
+                .collect::<Vec<_>>(),
+            vec![Rule::AmountAnomaly]
+        );
+    }
+
+    #[test]
+    fn an_impossible_sighting_does_not_move_the_card() {
+        let rules = RuleSet::default();
+        let fired = run(
+            &rules,
+            &[
+                tx(0, 10.0, BERLIN.0, BERLIN.1, Channel::Pos),
+                tx(1800, 10.0, NEW_YORK.0, NEW_YORK.1, Channel::Atm),
+                // The holder, still in Berlin an hour later: not impossible from Berlin.
+                tx(3600, 10.0, BERLIN.0, BERLIN.1, Channel::Pos),
+            ],
+        );
+        assert_eq!(fired[1], vec![Rule::ImpossibleTravel]);
+        assert!(fired[2].is_empty(), "{fired:?}");
+    }
+
+    #[test]
+    fn unusual_merchants_need_a_rare_category_and_a_new_country() {
+        let rules = RuleSet::default();
+        let rule = &rules.unusual_merchant;
+        let mut profile = CardProfile::default();
+        for i in 0..10 {
+            apply(
+                &rules,
+                &mut profile,
+                &tx(i * 3600, 20.0, 0.0, 0.0, Channel::Pos),
+            );
+        }
+        let mut betting = tx(11 * 3600, 40.0, 0.0, 0.0, Channel::Ecom);
+        betting.merchant_category = "7995".into();
+        betting.country = "KY".into();
+        let reason = unusual_merchant(rule, &profile, &betting, Some(0.0001)).unwrap();
+        assert_eq!(reason.rule, Rule::UnusualMerchant);
+        // A common category, a country the card used, or a cold model: nothing.
+        assert!(unusual_merchant(rule, &profile, &betting, Some(0.05)).is_none());
+        assert!(unusual_merchant(rule, &profile, &betting, None).is_none());
+        betting.country = "DE".into();
+        assert!(unusual_merchant(rule, &profile, &betting, Some(0.0001)).is_none());
     }
 }

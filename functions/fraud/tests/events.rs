@@ -106,9 +106,12 @@ async fn a_normal_batch_raises_nothing_and_acknowledges_its_canary() {
 async fn every_rule_fires_in_the_suspicious_batch() {
     let p = processor();
     assert_eq!(run(&p, "fraud-suspicious.json").await, ALL_DONE);
+    // Each rule alerts on its own: the velocity burst from its sixth purchase, the big amount
+    // after small ones too.
     assert_eq!(
         alerted(&p),
         vec![
+            ("tx-velocity-5".to_owned(), vec![Rule::Velocity]),
             (
                 "tx-velocity-amount".to_owned(),
                 vec![Rule::Velocity, Rule::AmountAnomaly]
@@ -119,14 +122,14 @@ async fn every_rule_fires_in_the_suspicious_batch() {
                 vec![Rule::BlockedMerchant]
             ),
             ("tx-blocked-card".to_owned(), vec![Rule::BlockedCardRange]),
+            ("tx-amount-big".to_owned(), vec![Rule::AmountAnomaly]),
         ]
     );
-    let alert = &handler(&p).alerts().alerts()[0];
+    let alert = &handler(&p).alerts().alerts()[1];
     assert_eq!(alert.card_id, "4111110000000001");
-    assert_eq!(alert.score, 80);
+    assert_eq!(alert.score, 120);
     assert_eq!(alert.detected_at, "2026-11-26T10:15:00.000Z");
-    // The amount rule fires alone on tx-amount-big (40), under the threshold: no alert, and the
-    // outboxes are empty once sent.
+    // The outboxes are empty once sent.
     for card in ["4111110000000001", "4222220000000002", "4444440000000005"] {
         assert!(
             handler(&p)
@@ -138,7 +141,7 @@ async fn every_rule_fires_in_the_suspicious_batch() {
         );
     }
     // The alert body has the documented fields.
-    let body: serde_json::Value = serde_json::from_str(&handler(&p).alerts().bodies()[1]).unwrap();
+    let body: serde_json::Value = serde_json::from_str(&handler(&p).alerts().bodies()[2]).unwrap();
     for field in ["transactionId", "cardId", "score", "reasons", "detectedAt"] {
         assert!(body.get(field).is_some(), "{field} missing from {body}");
     }
@@ -150,7 +153,7 @@ async fn a_redelivered_batch_alerts_nothing_twice() {
     let p = processor();
     run(&p, "fraud-suspicious.json").await;
     assert_eq!(run(&p, "fraud-suspicious.json").await, ALL_DONE);
-    assert_eq!(handler(&p).alerts().bodies().len(), 4);
+    assert_eq!(handler(&p).alerts().bodies().len(), 6);
     // Nor does it move state: the second delivery wrote nothing.
     assert_eq!(handler(&p).store().calls(), (2, 1));
     assert_eq!(
@@ -188,8 +191,8 @@ async fn alerts_decided_before_a_failed_send_go_out_once_on_redelivery() {
     );
     assert_eq!(run(&p, "fraud-suspicious.json").await, ALL_DONE);
     let ids: Vec<String> = alerted(&p).into_iter().map(|(id, _)| id).collect();
-    assert_eq!(ids.len(), 4);
-    assert_eq!(ids.iter().collect::<BTreeSet<_>>().len(), 4);
+    assert_eq!(ids.len(), 6);
+    assert_eq!(ids.iter().collect::<BTreeSet<_>>().len(), 6);
     assert!(
         handler(&p)
             .store()
@@ -210,7 +213,7 @@ async fn a_failed_state_write_sends_nothing_and_the_retry_scores_once() {
     assert!(first.contains("itemIdentifier"), "{first}");
     assert!(handler(&p).alerts().bodies().is_empty());
     assert_eq!(run(&p, "fraud-suspicious.json").await, ALL_DONE);
-    assert_eq!(handler(&p).alerts().bodies().len(), 4);
+    assert_eq!(handler(&p).alerts().bodies().len(), 6);
 }
 
 #[tokio::test]
@@ -220,7 +223,7 @@ async fn an_outbox_that_cannot_be_cleared_is_retried_before_giving_up() {
         .store()
         .fail_next_outbox(StateError::Unavailable("throttled".into()));
     assert_eq!(run(&p, "fraud-suspicious.json").await, ALL_DONE);
-    assert_eq!(handler(&p).alerts().bodies().len(), 4);
+    assert_eq!(handler(&p).alerts().bodies().len(), 6);
     assert!(
         handler(&p)
             .store()
@@ -335,7 +338,7 @@ async fn a_bisected_subset_then_the_whole_batch_applies_each_record_once() {
     .await
     .unwrap();
     assert_eq!(run(&p, "fraud-suspicious.json").await, ALL_DONE);
-    assert_eq!(handler(&p).alerts().bodies().len(), 4);
+    assert_eq!(handler(&p).alerts().bodies().len(), 6);
     let velocity = handler(&p).store().get("4111110000000001").unwrap();
     assert_eq!(velocity.profile.amounts.n, 7);
 }

@@ -117,10 +117,12 @@ fn alert_counts(bodies: &[String]) -> BTreeMap<String, usize> {
     counts
 }
 
-const EXPECTED_ALERTS: [&str; 4] = [
+const EXPECTED_ALERTS: [&str; 6] = [
+    "tx-amount-big",
     "tx-blocked-card",
     "tx-blocked-merchant",
     "tx-travel-1",
+    "tx-velocity-5",
     "tx-velocity-amount",
 ];
 
@@ -270,4 +272,50 @@ async fn a_write_from_a_stale_read_is_a_conflict_and_writes_nothing() {
     let a = store.load(&["card-a"]).await.unwrap()[0].clone().unwrap();
     assert_eq!(a.version, 1);
     assert!(a.profile.recent.is_empty());
+}
+
+#[tokio::test]
+async fn a_models_snapshot_round_trips_through_the_card_state_table() {
+    use fraud::model::{DynamoDbModelStore, ModelStore, ShardModel, SnapshotError};
+    let Some(config) = moto_config().await else {
+        return;
+    };
+    let r = resources(&config).await;
+    let store = DynamoDbModelStore::new(
+        aws_sdk_dynamodb::Client::new(&config),
+        &r.card_table,
+        Some(3600),
+    );
+    assert_eq!(store.load("shardId-000000000001").await.unwrap(), None);
+    // A full default-size model: the largest item the function writes.
+    let rule = RuleSet::default().anomaly;
+    let mut model = ShardModel::new(&rule, 1);
+    for i in 0..5000u32 {
+        let x = (i % 101) as f32 / 101.0;
+        model.learn(&[x, 1.0 - x, x * x, 0.3, 0.0, 0.5, 0.2, 0.0], "5411");
+    }
+    let bytes = model.to_snapshot();
+    assert!(bytes.len() > 200_000, "{}", bytes.len());
+    store
+        .save("shardId-000000000001", &bytes, 0, 1_000)
+        .await
+        .unwrap();
+    let stored = store.load("shardId-000000000001").await.unwrap().unwrap();
+    assert_eq!(stored.version, 1);
+    assert_eq!(stored.bytes, bytes);
+    let back = ShardModel::from_snapshot(&stored.bytes, &rule).unwrap();
+    assert_eq!(back.forest.updates(), 5000);
+    // A writer that read no snapshot (or an older one) cannot overwrite it.
+    assert!(matches!(
+        store.save("shardId-000000000001", b"stale", 0, 2_000).await,
+        Err(SnapshotError::Conflict { .. })
+    ));
+    store
+        .save("shardId-000000000001", &bytes, 1, 2_000)
+        .await
+        .unwrap();
+    // Card loads never see the model's item.
+    let cards =
+        DynamoDbCardStateStore::new(aws_sdk_dynamodb::Client::new(&config), &r.card_table, None);
+    assert!(cards.load(&["shardId-000000000001"]).await.unwrap()[0].is_none());
 }

@@ -8,6 +8,8 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use shardwise_sqlite::{Condition, LocalDb, LocalError, PutResult, SqliteTable};
 
 use super::{CardState, CardStateStore, DynamoDbCardStateStore, StateError, attr, parse_state};
+use crate::model::snapshot::{MODEL_KEY_PREFIX, parse_snapshot_item, snapshot_item};
+use crate::model::{ModelStore, SnapshotError, StoredSnapshot};
 
 /// Card states in SQLite, behind [`CardStateStore`].
 #[derive(Debug, Clone)]
@@ -114,5 +116,86 @@ impl CardStateStore for SqliteCardStateStore {
             PutResult::Written => Ok(()),
             PutResult::ConditionFailed(_) => Err(conflict()),
         }
+    }
+}
+
+/// Shard models' snapshots in the same SQLite table as the card states, under the same
+/// `#model#<shard id>` keys and item shape as [`crate::model::DynamoDbModelStore`].
+#[derive(Debug, Clone)]
+pub struct SqliteModelStore {
+    table: SqliteTable,
+    ttl_seconds: Option<i64>,
+}
+
+impl SqliteModelStore {
+    pub fn new(db: Arc<LocalDb>, ttl_seconds: Option<i64>) -> Self {
+        Self {
+            table: SqliteTable::new(db, "card-state"),
+            ttl_seconds,
+        }
+    }
+}
+
+fn snapshot_unavailable(error: LocalError) -> SnapshotError {
+    SnapshotError::Unavailable(error.to_string())
+}
+
+impl ModelStore for SqliteModelStore {
+    async fn load(&self, shard_id: &str) -> Result<Option<StoredSnapshot>, SnapshotError> {
+        self.table
+            .get(&format!("{MODEL_KEY_PREFIX}{shard_id}"))
+            .map_err(snapshot_unavailable)?
+            .as_ref()
+            .map(parse_snapshot_item)
+            .transpose()
+    }
+
+    async fn save(
+        &self,
+        shard_id: &str,
+        bytes: &[u8],
+        version: u64,
+        now_ms: i64,
+    ) -> Result<(), SnapshotError> {
+        let item = snapshot_item(shard_id, bytes, version, now_ms, self.ttl_seconds);
+        match self
+            .table
+            .put(
+                &format!("{MODEL_KEY_PREFIX}{shard_id}"),
+                &item,
+                &version_condition(version),
+            )
+            .map_err(snapshot_unavailable)?
+        {
+            PutResult::Written => Ok(()),
+            PutResult::ConditionFailed(_) => Err(SnapshotError::Conflict {
+                shard_id: shard_id.to_owned(),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn snapshots_are_versioned_in_the_local_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Arc::new(LocalDb::open(dir.path().join("local.db")).unwrap());
+        let store = SqliteModelStore::new(db, Some(60));
+        assert_eq!(store.load("shard-1").await.unwrap(), None);
+        store.save("shard-1", b"one", 0, 1_000).await.unwrap();
+        assert!(matches!(
+            store.save("shard-1", b"two", 0, 2_000).await,
+            Err(SnapshotError::Conflict { .. })
+        ));
+        store.save("shard-1", b"two", 1, 2_000).await.unwrap();
+        let stored = store.load("shard-1").await.unwrap().unwrap();
+        assert_eq!(
+            (stored.version, stored.bytes.as_slice()),
+            (2, b"two".as_slice())
+        );
     }
 }
