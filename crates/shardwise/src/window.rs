@@ -917,68 +917,66 @@ where
         })
     }
 
-    fn settle_as<'r>(
+    async fn settle_as<'r>(
         &'r mut self,
         records: &'r [Record<'_>],
         settled: &'r [Settled],
-    ) -> impl Future<Output = Vec<Keep>> + Send + 'r {
-        async move {
-            let checkpoint = records
-                .iter()
-                .zip(settled)
-                .filter(|(_, s)| **s == Settled::HandedBack)
-                .map(|(r, _)| r.sequence_number)
-                .min();
-            // The last record before the checkpoint: everything up to it is in the state now.
-            let through = records
-                .iter()
-                .filter(|r| checkpoint.is_none_or(|cp| r.sequence_number < cp))
-                .map(Position::of)
-                .max()
-                .map(|p| p.render());
-            let collected = std::mem::take(
-                &mut *self
-                    .collected
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner()),
-            );
-            let Some(state) = self.state.take() else {
-                return vec![Keep::AsDecided; records.len()];
-            };
-            let result = self
-                .processor
-                .fold_and_end(
-                    self.window,
-                    collected,
-                    checkpoint,
-                    state,
-                    through,
-                    self.deadline,
-                )
-                .await;
-            let kept = result.is_ok();
-            self.result = Some(result);
-            // A record that settles with the state it was folded into needs no completion of
-            // its own when the gate's keys name records: the state is that record.
-            let write_completion = !self.processor.records.gate_identifies_records();
-            records
-                .iter()
-                .zip(settled)
-                .map(|(record, settled)| match settled {
-                    Settled::Processed
-                        if kept && checkpoint.is_none_or(|cp| record.sequence_number < cp) =>
-                    {
-                        Keep::Durable { write_completion }
-                    }
-                    // Its contribution was dropped: Lambda redelivers it and it runs again.
-                    Settled::Processed => Keep::Dropped,
-                    // A dead letter is sent whatever becomes of the state: it stays done.
-                    Settled::DeadLettered | Settled::AlreadyDone | Settled::HandedBack => {
-                        Keep::AsDecided
-                    }
-                })
-                .collect()
-        }
+    ) -> Vec<Keep> {
+        let checkpoint = records
+            .iter()
+            .zip(settled)
+            .filter(|(_, s)| **s == Settled::HandedBack)
+            .map(|(r, _)| r.sequence_number)
+            .min();
+        // The last record before the checkpoint: everything up to it is in the state now.
+        let through = records
+            .iter()
+            .filter(|r| checkpoint.is_none_or(|cp| r.sequence_number < cp))
+            .map(Position::of)
+            .max()
+            .map(|p| p.render());
+        let collected = std::mem::take(
+            &mut *self
+                .collected
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
+        let Some(state) = self.state.take() else {
+            return vec![Keep::AsDecided; records.len()];
+        };
+        let result = self
+            .processor
+            .fold_and_end(
+                self.window,
+                collected,
+                checkpoint,
+                state,
+                through,
+                self.deadline,
+            )
+            .await;
+        let kept = result.is_ok();
+        self.result = Some(result);
+        // A record that settles with the state it was folded into needs no completion of
+        // its own when the gate's keys name records: the state is that record.
+        let write_completion = !self.processor.records.gate_identifies_records();
+        records
+            .iter()
+            .zip(settled)
+            .map(|(record, settled)| match settled {
+                Settled::Processed
+                    if kept && checkpoint.is_none_or(|cp| record.sequence_number < cp) =>
+                {
+                    Keep::Durable { write_completion }
+                }
+                // Its contribution was dropped: Lambda redelivers it and it runs again.
+                Settled::Processed => Keep::Dropped,
+                // A dead letter is sent whatever becomes of the state: it stays done.
+                Settled::DeadLettered | Settled::AlreadyDone | Settled::HandedBack => {
+                    Keep::AsDecided
+                }
+            })
+            .collect()
     }
 }
 

@@ -196,7 +196,7 @@ impl EvalReport {
                 .filter(|((p, _), _)| *p == pattern)
                 .map(|((_, r), n)| (*r, *n))
                 .collect();
-            fired.sort_by(|a, b| b.1.cmp(&a.1));
+            fired.sort_by_key(|f| std::cmp::Reverse(f.1));
             fired
                 .iter()
                 .map(|(r, n)| format!("{} {n}", rule_name(*r)))
@@ -438,14 +438,11 @@ pub async fn evaluate(options: &EvalOptions) -> Result<EvalReport, ConfigError> 
     let mut scores: HashMap<usize, Scored> = HashMap::new();
     let mut cpu = Duration::ZERO;
     let poll = options.poll_ms.max(1);
-    loop {
-        // The shard whose next invocation comes first.
-        let Some(shard) = (0..shards)
-            .filter(|&s| cursor[s] < queues[s].len())
-            .min_by_key(|&s| next_at[s].max(first_poll(set[queues[s][cursor[s]]].at_ms, poll)))
-        else {
-            break;
-        };
+    // The shard whose next invocation comes first.
+    while let Some(shard) = (0..shards)
+        .filter(|&s| cursor[s] < queues[s].len())
+        .min_by_key(|&s| next_at[s].max(first_poll(set[queues[s][cursor[s]]].at_ms, poll)))
+    {
         let first = set[queues[shard][cursor[shard]]].at_ms;
         let start = next_at[shard].max(first_poll(first, poll));
         let mut batch = Vec::new();

@@ -404,16 +404,22 @@ impl<S, A, K, C, M> FraudHandler<S, A, K, C, M> {
     }
 }
 
+/// One card's transactions in a batch, in stream order, with their positions.
+type CardGroup<'b, 'd> = Vec<(&'b Record<'d>, &'b Transaction<'d>, usize)>;
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
+
+/// The fraud function's processor type: batches bisected on permanent failure.
+pub type FraudProcessor<S, A, K, C, M, D> = Processor<Bisecting<FraudHandler<S, A, K, C, M>>, D>;
 
 /// The processor the fraud function runs: batches bisected on permanent failure.
 pub fn processor<S, A, K, C, M, D>(
     handler: FraudHandler<S, A, K, C, M>,
     dead_letters: D,
     common: &CommonSettings,
-) -> Processor<Bisecting<FraudHandler<S, A, K, C, M>>, D>
+) -> FraudProcessor<S, A, K, C, M, D>
 where
     D: DeadLetterSink,
 {
@@ -481,7 +487,7 @@ where
 
         // Transactions grouped by card, each group in stream order.
         let mut acks = Vec::new();
-        let mut cards: Vec<(&str, Vec<(&Record<'d>, &Transaction<'d>, usize)>)> = Vec::new();
+        let mut cards: Vec<(&str, CardGroup<'_, 'd>)> = Vec::new();
         let mut slots: HashMap<&str, usize> = HashMap::new();
         let mut shards: Vec<&str> = Vec::new();
         for (position, item) in batch.iter().enumerate() {
