@@ -95,6 +95,7 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         },
         view: ViewMode::None,
         header: None,
+        dashboard: None,
     };
     let load = LoadOptions {
         rate: args.rate,
