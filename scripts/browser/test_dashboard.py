@@ -49,7 +49,7 @@ def chromium() -> str:
             return found
     raise AssertionError(
         "no Chromium: install Debian's chromium (apt-get install chromium; .ci/run and "
-        "scripts/setup-tools.sh --browser do) or set SHARDWISE_CHROMIUM"
+        "scripts/setup-tools.sh do) or set SHARDWISE_CHROMIUM"
     )
 
 

@@ -115,6 +115,12 @@ impl MappingStats {
 
     /// (p50, p99, count) of put-to-acknowledged latency, ms.
     pub fn latency_percentiles(&self) -> Option<(u32, u32, usize)> {
+        let (at, count) = self.latency_quantiles(&[0.5, 0.99])?;
+        Some((at[0], at[1], count))
+    }
+
+    /// Put-to-acknowledged latency at each of `quantiles` (0..=1), ms, and the sample's size.
+    pub fn latency_quantiles(&self, quantiles: &[f64]) -> Option<(Vec<u32>, usize)> {
         let mut sample = self
             .latencies
             .lock()
@@ -133,7 +139,7 @@ impl MappingStats {
             let index = ((sample.len() - 1) as f64 * q).round() as usize;
             sample[index.min(sample.len() - 1)]
         };
-        Some((at(0.5), at(0.99), sample.len()))
+        Some((quantiles.iter().map(|&q| at(q)).collect(), sample.len()))
     }
 }
 
