@@ -480,7 +480,7 @@ async fn serve_dashboard(
             }
         }
     };
-    eprintln!("dashboard: http://{bound}/  (live page; JSON at http://{bound}/api/snapshot)");
+    eprintln!("dashboard: http://{bound}/  (open it to watch the run; JSON at /api/snapshot)");
     Ok(Some(dashboard))
 }
 

@@ -106,6 +106,7 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     };
     let view = args.plain.map_or(ViewMode::Auto, ViewMode::Plain);
     let mut config = prepare_run(&run_args, view).await?;
+    let dashboard_url = config.dashboard.as_ref().and_then(|d| d.url());
     for function in &mut config.functions {
         if function.settings.tumbling_window.is_some() {
             function.settings.tumbling_window = Some(args.window);
@@ -189,6 +190,11 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         args.state_dir.display()
     );
     println!("function logs:   {}/logs/", args.state_dir.display());
+    if let Some(url) = dashboard_url {
+        println!(
+            "dashboard:       {url} showed the run live (a page left open keeps the final numbers)"
+        );
+    }
     if args.check {
         let mut problems = Vec::new();
         for (name, stats) in &report.functions {

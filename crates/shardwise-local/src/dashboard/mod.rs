@@ -428,6 +428,8 @@ struct Inner {
 pub struct Dashboard {
     inner: Mutex<Inner>,
     frames: watch::Sender<Arc<Frame>>,
+    /// Where the server listens, once it does.
+    address: std::sync::OnceLock<SocketAddr>,
 }
 
 impl Dashboard {
@@ -456,7 +458,13 @@ impl Dashboard {
                 frame,
             }),
             frames,
+            address: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The page's URL, once the server listens.
+    pub fn url(&self) -> Option<String> {
+        self.address.get().map(|a| format!("http://{a}/"))
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {

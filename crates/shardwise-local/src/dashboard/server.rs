@@ -48,6 +48,7 @@ pub async fn start(
     let bound = listener
         .local_addr()
         .map_err(|source| BindError { address, source })?;
+    let _ = dashboard.address.set(bound);
     tokio::spawn(accept(listener, dashboard.clone()));
     tokio::spawn(async move {
         let mut every = tokio::time::interval(Duration::from_secs(1));
