@@ -12,7 +12,8 @@ CARGO ?= cargo
 .PHONY: help test lint bench
 
 help:
-	@echo "make demo      the local pipeline: embedded stream, fraud + aggregation, generated load"
+	@echo "make demo      the local pipeline: embedded stream, fraud + aggregation, generated load, live dashboard"
+	@echo "make dashboard-test   the demo's dashboard in headless Chromium (what CI runs)"
 	@echo "make test      all tests and checks (what CI runs)"
 	@echo "make lint      cargo fmt --check + clippy -D warnings"
 	@echo "make bench     real-bootstrap, local-pipeline, hot-path and idempotency benchmarks (figures, plots in docs/img)"

@@ -53,8 +53,10 @@ def nice_ceiling(value: float) -> float:
     return 10 * power
 
 
-def line_chart(title: str, x_label: str, y_label: str, series: list, log_x: bool = False) -> str:
-    """An SVG line chart: series is [(name, [(x, y), ...])], y from 0."""
+def line_chart(title: str, x_label: str, y_label: str, series: list, log_x: bool = False,
+               log_y: bool = False) -> str:
+    """An SVG line chart: series is [(name, [(x, y), ...])]; y from 0, or on a log scale (a
+    latency that jumps by 100× past saturation would flatten the rest to the axis)."""
     xs = [x for _, points in series for x, _ in points]
     ys = [y for _, points in series for _, y in points]
     if not xs:
@@ -63,14 +65,23 @@ def line_chart(title: str, x_label: str, y_label: str, series: list, log_x: bool
     x0, x1 = scale(min(xs)), scale(max(xs))
     if x0 == x1:
         x0, x1 = x0 - 1, x1 + 1
-    y1 = nice_ceiling(max(ys) * 1.05)
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
+    if log_y:
+        low = 10 ** math.floor(math.log10(max(min(ys), 1e-9)))
+        high = 10 ** math.ceil(math.log10(max(max(ys), low * 10)))
+        y_ticks = [low * 10**i for i in range(round(math.log10(high / low)) + 1)]
+
+        def py(y):
+            return TOP + plot_h * (1 - math.log10(max(y, low) / low) / math.log10(high / low))
+    else:
+        y1 = nice_ceiling(max(ys) * 1.05)
+        y_ticks = [y1 * i / 5 for i in range(6)]
+
+        def py(y):
+            return TOP + plot_h * (1 - y / y1)
 
     def px(x):
         return LEFT + plot_w * (scale(x) - x0) / (x1 - x0)
-
-    def py(y):
-        return TOP + plot_h * (1 - y / y1)
 
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{HEIGHT}" '
@@ -78,8 +89,7 @@ def line_chart(title: str, x_label: str, y_label: str, series: list, log_x: bool
         f'<rect width="{WIDTH}" height="{HEIGHT}" fill="#ffffff"/>',
         f'<text x="{LEFT}" y="24" font-size="15" font-weight="bold" fill="#1d2330">{escape(title)}</text>',
     ]
-    for i in range(6):
-        value = y1 * i / 5
+    for value in y_ticks:
         y = py(value)
         out.append(f'<line x1="{LEFT}" x2="{LEFT + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e2e5eb"/>')
         out.append(f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end" fill="#6b7385">{value:g}</text>')
@@ -128,7 +138,7 @@ def bootstrap_figures(rows: list):
 def local_figures(rows: list):
     series = [(f"p{q}", [(r["offered_per_second"], r[f"p{q}_ms"]) for r in rows]) for q in (50, 90, 99)]
     svg = line_chart("Local pipeline: put → acknowledged latency against offered load", "offered records/s",
-                     "latency, ms", series)
+                     "latency, ms (log scale)", series, log_y=True)
     table = ["| offered rec/s | acknowledged rec/s | p50 ms | p90 ms | p99 ms | max ms | shards | batch |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: r["offered_per_second"]):

@@ -40,6 +40,10 @@ pub struct BenchArgs {
     /// offered rate, throughput and latency percentiles, which `scripts/bench_plots.py` draws.
     #[arg(long)]
     pub figures: Option<PathBuf>,
+    /// Serve the live dashboard on this loopback address while the bench runs (e.g.
+    /// 127.0.0.1:0): how the page fares at the bench's rate.
+    #[arg(long, value_parser = crate::dashboard::DashboardAddress::parse)]
+    pub dashboard: Option<crate::dashboard::DashboardAddress>,
 }
 
 const FIGURES_HEADER: &str = "offered_per_second,shards,batch_size,put,acked,seconds,acked_per_second,p50_ms,p90_ms,p99_ms,max_ms";
@@ -101,7 +105,10 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         },
         view: ViewMode::None,
         header: None,
-        dashboard: None,
+        dashboard: match args.dashboard {
+            Some(address) => crate::cli::serve_dashboard(address, None).await?,
+            None => None,
+        },
     };
     let load = LoadOptions {
         rate: args.rate,

@@ -456,7 +456,7 @@ pub async fn prepare_run(args: &RunArgs, view: ViewMode) -> anyhow::Result<RunCo
 }
 
 /// Start the dashboard's server and say where it is.
-async fn serve_dashboard(
+pub async fn serve_dashboard(
     address: DashboardAddress,
     outputs: Option<crate::dashboard::outputs::LocalOutputs>,
 ) -> anyhow::Result<Option<Arc<Dashboard>>> {
