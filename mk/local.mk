@@ -11,6 +11,9 @@
 #                        make run ARGS='--until-idle 2s --batch-size 50'
 #   make loadgen [RATE=…] [DURATION=…]   generated load into the embedded stream (.shardwise/)
 #   make plan [PLAN_ARGS='…']            shards, concurrency and cost for a workload
+#   make dashboard-test  the demo's dashboard in headless Chromium (scripts/browser): live rows,
+#                        counts against the demo's summary, dead letters with payloads, screenshot
+#                        [DASHBOARD_SHOT=docs/img/dashboard.png DASHBOARD_LOAD=40] keeps the picture
 #   make bench-local [BENCH_RATE=5000] [BENCH_DURATION=10s]
 #                        end-to-end records/s and put-to-processed p50/p99 of the embedded pipeline
 #   make conformance     the ESM conformance suite, the kill-and-resume test and the moto test
@@ -41,8 +44,10 @@ ARGS ?=
 PLAN_ARGS ?= --mb-per-sec 10 --records-per-sec 8000 --avg-record-kb 1 --consumers 3
 BENCH_RATE ?= 5000
 BENCH_DURATION ?= 10s
+DASHBOARD_SHOT ?=
+DASHBOARD_LOAD ?= 8
 
-.PHONY: local-build demo run loadgen plan bench-local conformance
+.PHONY: local-build demo run loadgen plan bench-local conformance dashboard-test
 
 local-build:
 	cd $(LOCAL_ROOT) && cargo build -p shardwise-local $(foreach f,$(LOCAL_FUNCTIONS),-p $(f)) \
@@ -65,6 +70,11 @@ loadgen: local-build
 
 plan: local-build
 	cd $(LOCAL_ROOT) && $(SHARDWISE) plan $(PLAN_ARGS)
+
+dashboard-test: local-build
+	cd $(LOCAL_ROOT) && SHARDWISE_BIN_DIR=$(LOCAL_TARGET)/debug SHARDWISE_DASHBOARD_LOAD=$(DASHBOARD_LOAD) \
+	  $(if $(DASHBOARD_SHOT),SHARDWISE_DASHBOARD_SHOT=$(abspath $(DASHBOARD_SHOT))) \
+	  PYTHONDONTWRITEBYTECODE=1 $(LOCAL_ROOT)/.venv/bin/python -m pytest -q -p no:cacheprovider scripts/browser
 
 bench-local: local-build
 	cd $(LOCAL_ROOT) && $(SHARDWISE) bench --rate $(BENCH_RATE) --duration $(BENCH_DURATION)

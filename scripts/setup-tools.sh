@@ -8,6 +8,9 @@
 #   scripts/setup-tools.sh            create or refresh .venv and .venv-checkov
 #   scripts/setup-tools.sh --relock   re-resolve tools/requirements*.txt into tools/constraints*.txt
 #
+# Also: Debian's chromium for the dashboard's browser test (scripts/browser), installed with apt
+# when it is missing and this runs as root; otherwise a note says how.
+#
 # Environment: SHARDWISE_PYTHON (default python3) picks the interpreter the venvs are made from.
 set -euo pipefail
 
@@ -76,6 +79,19 @@ fi
 exec 9>"${TMPDIR:-/tmp}/shardwise-setup-tools-$(printf '%s' "$ROOT" | sha256sum | cut -c1-16).lock"
 flock 9
 
+ensure_browser() {
+  if command -v chromium >/dev/null || command -v chromium-headless-shell >/dev/null; then
+    return 0
+  fi
+  if [[ $(id -u) == 0 ]] && command -v apt-get >/dev/null; then
+    log "installing Debian's chromium (the dashboard's browser test)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium </dev/null >&2 ||
+      { apt-get update >&2 && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium </dev/null >&2; }
+  else
+    log "no chromium: the dashboard's browser test needs it (sudo apt-get install chromium)"
+  fi
+}
+
 mode=${1:-install}
 for spec in "${VENVS[@]}"; do
   # shellcheck disable=SC2086
@@ -86,3 +102,6 @@ for spec in "${VENVS[@]}"; do
     *) log "unknown argument: $mode (expected nothing or --relock)"; exit 2 ;;
   esac
 done
+if [[ $mode == install ]]; then
+  ensure_browser
+fi

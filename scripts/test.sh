@@ -7,8 +7,8 @@
 #   5. make validate: sam validate --lint, scripts/check_template.py, checkov
 #   6. make build ARCH=x86_64 (sam build, release)
 #   7. make invoke-check: each function under cargo lambda watch, invoked with events/ samples
-#   8. make demo (20 s, checked), chaos on the real functions, and the other local-runner
-#      targets on small inputs
+#   8. make demo (20 s, checked), its dashboard in headless Chromium, chaos on the real
+#      functions, and the other local-runner targets on small inputs
 #   9. make lint: cargo fmt --check, clippy -D warnings
 # Every step runs even when an earlier one failed (one run shows every problem); the exit
 # status is non-zero when any failed.
@@ -90,6 +90,9 @@ step "make invoke-check" make --no-print-directory invoke-check
 # The README's first command, shortened; CHECK=1 fails unless every record was acknowledged,
 # poison was dead-lettered, alerts were raised and windows written.
 step "make demo (20 s)" make --no-print-directory demo DURATION=20s PLAIN=10s CHECK=1
+# The demo's dashboard in a real browser (Debian's chromium, which .ci/run installs): live
+# numbers, the summary's counts, a dead letter with its payload, a screenshot that is not blank.
+step "dashboard in headless Chromium" make --no-print-directory dashboard-test
 # The real fraud and aggregation binaries under random kills (crates/shardwise-local/tests/chaos.rs):
 # here rather than in `cargo test`, which builds the functions without their local backends; the
 # demo step above built them with.

@@ -46,6 +46,9 @@
 //! credentials in the environment too), SQS points at a closed local port, and no shared AWS
 //! config files are read.
 //!
+//! `BENCH_FIGURES=dir` also writes the table as `dir/bootstrap.csv`, which
+//! `scripts/bench_plots.py` draws (CPU per record against batch size, per bootstrap).
+//!
 //! Absolute times drift ~2× on shared machines; compare the ratios of one run. Without
 //! `--bench` (`cargo test --all-targets`) the binary only checks every bootstrap on small events.
 
@@ -404,4 +407,25 @@ async fn main() {
         );
     }
     println!("wall time {:.1} s", began.elapsed().as_secs_f64());
+    if let Some(dir) = std::env::var_os("BENCH_FIGURES").filter(|_| !smoke) {
+        let path = PathBuf::from(dir).join("bootstrap.csv");
+        let mut csv = String::from(
+            "bootstrap,records,invocations,user_us,kernel_us,total_us,faults_per_invocation,peak_rss_mib\n",
+        );
+        for row in &rows {
+            csv.push_str(&format!(
+                "{},{},{},{:.3},{:.3},{:.3},{:.1},{:.1}\n",
+                row.name,
+                row.records,
+                row.invocations,
+                row.user_us,
+                row.kernel_us,
+                row.user_us + row.kernel_us,
+                row.faults,
+                row.peak_rss_mib
+            ));
+        }
+        std::fs::write(&path, csv).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        println!("figures written to {}", path.display());
+    }
 }

@@ -36,7 +36,17 @@ pub struct BenchArgs {
     pub function: Option<PathBuf>,
     #[arg(long, default_value = ".shardwise/bench")]
     pub state_dir: PathBuf,
+    /// Also append this run's figures to this CSV file (header written when it is new):
+    /// offered rate, throughput and latency percentiles, which `scripts/bench_plots.py` draws.
+    #[arg(long)]
+    pub figures: Option<PathBuf>,
+    /// Serve the live dashboard on this loopback address while the bench runs (e.g.
+    /// 127.0.0.1:0): how the page fares at the bench's rate.
+    #[arg(long, value_parser = crate::dashboard::DashboardAddress::parse)]
+    pub dashboard: Option<crate::dashboard::DashboardAddress>,
 }
+
+const FIGURES_HEADER: &str = "offered_per_second,shards,batch_size,put,acked,seconds,acked_per_second,p50_ms,p90_ms,p99_ms,max_ms";
 
 pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
     if args.state_dir.exists() {
@@ -95,6 +105,10 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         },
         view: ViewMode::None,
         header: None,
+        dashboard: match args.dashboard {
+            Some(address) => crate::cli::serve_dashboard(address, None).await?,
+            None => None,
+        },
     };
     let load = LoadOptions {
         rate: args.rate,
@@ -137,9 +151,38 @@ pub async fn bench(args: BenchArgs) -> anyhow::Result<()> {
         elapsed.as_secs_f64(),
         MappingStats::get(&stats.invokes)
     );
-    if let Some((p50, p99, n)) = stats.latency_percentiles() {
-        println!("  put → acknowledged latency: p50 {p50} ms, p99 {p99} ms ({n} records)");
+    let quantiles = stats.latency_quantiles(&[0.5, 0.9, 0.99, 1.0]);
+    if let Some((at, n)) = &quantiles {
+        println!(
+            "  put → acknowledged latency: p50 {} ms, p90 {} ms, p99 {} ms, max {} ms ({n} records)",
+            at[0], at[1], at[2], at[3]
+        );
     }
     anyhow::ensure!(acked >= load.put, "not every record was acknowledged");
+    if let (Some(path), Some((at, _))) = (&args.figures, &quantiles) {
+        use std::io::Write as _;
+        let new = !path.exists();
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| anyhow::anyhow!("--figures {}: {e}", path.display()))?;
+        if new {
+            writeln!(file, "{FIGURES_HEADER}")?;
+        }
+        writeln!(
+            file,
+            "{},{},{},{},{acked},{:.3},{throughput:.1},{},{},{},{}",
+            args.rate,
+            args.shards,
+            args.batch_size,
+            load.put,
+            elapsed.as_secs_f64(),
+            at[0],
+            at[1],
+            at[2],
+            at[3]
+        )?;
+    }
     Ok(())
 }

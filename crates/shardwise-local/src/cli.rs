@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::dashboard::{Dashboard, DashboardAddress};
 use crate::esm::{OnFailure, WorkerOptions};
 use crate::filter::Pattern;
 use crate::function::{FunctionSpec, Invoker, ProcessPool, WatchForwarder};
@@ -162,6 +163,10 @@ pub struct RunArgs {
     /// First pause before a retry (doubles up to 5 s).
     #[arg(long, value_parser = crate::parse_duration, default_value = "100ms")]
     pub retry_backoff: Duration,
+    /// Serve the live dashboard on this loopback address (e.g. 127.0.0.1:8717; port 0: any
+    /// free port; `off`: none, the default). The URL is printed when the run starts.
+    #[arg(long, value_parser = DashboardAddress::parse)]
+    pub dashboard: Option<DashboardAddress>,
 }
 
 /// Flags that override the template's mapping settings (for every function run).
@@ -422,6 +427,14 @@ pub async fn prepare_run(args: &RunArgs, view: ViewMode) -> anyhow::Result<RunCo
             on_failure,
         });
     }
+    let dashboard = match args.dashboard {
+        Some(address) => {
+            let outputs = (args.backend == BackendKind::Local)
+                .then(|| crate::dashboard::outputs::LocalOutputs::new(local_db.clone()));
+            serve_dashboard(address, outputs).await?
+        }
+        None => None,
+    };
     Ok(RunConfig {
         functions: runs,
         source,
@@ -438,7 +451,37 @@ pub async fn prepare_run(args: &RunArgs, view: ViewMode) -> anyhow::Result<RunCo
         },
         view,
         header: Some(backend_header(local_db.clone())),
+        dashboard,
     })
+}
+
+/// Start the dashboard's server and say where it is.
+pub async fn serve_dashboard(
+    address: DashboardAddress,
+    outputs: Option<crate::dashboard::outputs::LocalOutputs>,
+) -> anyhow::Result<Option<Arc<Dashboard>>> {
+    if address == DashboardAddress::Off {
+        return Ok(None);
+    }
+    let dashboard = Dashboard::new(outputs, crate::now_ms());
+    let bound = match address {
+        DashboardAddress::Off => return Ok(None),
+        DashboardAddress::On(address) => {
+            crate::dashboard::server::start(address, dashboard.clone()).await?
+        }
+        DashboardAddress::Preferred(address) => {
+            match crate::dashboard::server::start(address, dashboard.clone()).await {
+                Ok(bound) => bound,
+                Err(error) => {
+                    let any = std::net::SocketAddr::new(address.ip(), 0);
+                    eprintln!("{error}; using another port");
+                    crate::dashboard::server::start(any, dashboard.clone()).await?
+                }
+            }
+        }
+    };
+    eprintln!("dashboard: http://{bound}/  (open it to watch the run; JSON at /api/snapshot)");
+    Ok(Some(dashboard))
 }
 
 /// The live view's first line: elapsed time and what the local backends hold.

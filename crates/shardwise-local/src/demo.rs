@@ -12,6 +12,7 @@ use shardwise::producer::Producer;
 use shardwise_sqlite::{LocalDb, SqliteQueue, SqliteTable, queues};
 
 use crate::cli::{BackendKind, MappingOverrides, RunArgs, SourceKind, StreamArgs, prepare_run};
+use crate::dashboard::DashboardAddress;
 use crate::runner::StopWhen;
 use crate::stats::MappingStats;
 use crate::stream::EmbeddedStream;
@@ -55,7 +56,14 @@ pub struct DemoArgs {
     /// dead-lettered, and fraud raised alerts / aggregation wrote windows (for CI).
     #[arg(long)]
     pub check: bool,
+    /// The live dashboard's loopback address (another free port if this one is taken; port 0:
+    /// any free port), or `off`.
+    #[arg(long, default_value = DEMO_DASHBOARD, value_parser = DashboardAddress::parse)]
+    pub dashboard: DashboardAddress,
 }
+
+/// Where the demo serves its dashboard unless told otherwise.
+pub const DEMO_DASHBOARD: &str = "127.0.0.1:8717";
 
 pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
     if args.state_dir.exists() {
@@ -89,9 +97,16 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         on_failure_queue_url: None,
         poll_interval: Duration::from_millis(100),
         retry_backoff: Duration::from_millis(100),
+        dashboard: Some(match args.dashboard {
+            DashboardAddress::On(address) if address.to_string() == DEMO_DASHBOARD => {
+                DashboardAddress::Preferred(address)
+            }
+            other => other,
+        }),
     };
     let view = args.plain.map_or(ViewMode::Auto, ViewMode::Plain);
     let mut config = prepare_run(&run_args, view).await?;
+    let dashboard_url = config.dashboard.as_ref().and_then(|d| d.url());
     for function in &mut config.functions {
         if function.settings.tumbling_window.is_some() {
             function.settings.tumbling_window = Some(args.window);
@@ -175,6 +190,11 @@ pub async fn demo(args: DemoArgs) -> anyhow::Result<()> {
         args.state_dir.display()
     );
     println!("function logs:   {}/logs/", args.state_dir.display());
+    if let Some(url) = dashboard_url {
+        println!(
+            "dashboard:       {url} showed the run live (a page left open keeps the final numbers)"
+        );
+    }
     if args.check {
         let mut problems = Vec::new();
         for (name, stats) in &report.functions {

@@ -35,7 +35,7 @@ use crate::checkpoint::{Checkpoint, CheckpointStore};
 use crate::filter::{self, Pattern};
 use crate::function::{InvokeOutcome, Invoker};
 use crate::settings::MappingSettings;
-use crate::stats::MappingStats;
+use crate::stats::{MappingStats, ShardStats};
 use crate::stream::{Position, ShardReader, Source, StreamRecord};
 use crate::{now_ms, rfc3339_ms};
 
@@ -112,6 +112,8 @@ struct Rec {
     sequence_number: String,
     partition_key: String,
     arrival_ms: i64,
+    /// Data plus partition key: what counts against the shard's limits.
+    bytes: u64,
     fragment: String,
 }
 
@@ -199,8 +201,10 @@ impl Mapping {
                 .open_windows
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
+        let shard_stats = self.stats.shard(shard);
         let mut worker = ShardWorker {
             mapping: self.clone(),
+            shard_stats: shard_stats.clone(),
             shard: shard.to_owned(),
             checkpoint: saved.sequence_number,
             stop: stop.clone(),
@@ -214,7 +218,12 @@ impl Mapping {
             if buffer.len() < self.options.read_limit {
                 let batch = read(&mut reader, self.options.read_limit - buffer.len()).await?;
                 got = !batch.records.is_empty();
-                MappingStats::add(&self.stats.records_in, batch.records.len() as u64);
+                let records = batch.records.len() as u64;
+                let bytes: u64 = batch.records.iter().map(record_bytes).sum();
+                MappingStats::add(&self.stats.records_in, records);
+                MappingStats::add(&self.stats.bytes_in, bytes);
+                MappingStats::add(&shard_stats.records_in, records);
+                MappingStats::add(&shard_stats.bytes_in, bytes);
                 for record in batch.records {
                     seen_past_buffer = Some(record.sequence_number.clone());
                     if !self.settings.filters.is_empty() && !self.passes(&record) {
@@ -228,6 +237,9 @@ impl Mapping {
                 }
                 if buffer.is_empty() {
                     self.stats
+                        .iterator_age_ms
+                        .store(0, std::sync::atomic::Ordering::Relaxed);
+                    shard_stats
                         .iterator_age_ms
                         .store(0, std::sync::atomic::Ordering::Relaxed);
                 }
@@ -336,12 +348,17 @@ impl Mapping {
         })
         .to_string();
         Rec {
+            bytes: record_bytes(&record),
             sequence_number: record.sequence_number,
             partition_key: record.partition_key,
             arrival_ms: record.arrival_ms,
             fragment,
         }
     }
+}
+
+fn record_bytes(record: &StreamRecord) -> u64 {
+    (record.data.len() + record.partition_key.len()) as u64
 }
 
 async fn read(reader: &mut ShardReader, limit: usize) -> Result<crate::stream::ReadBatch, String> {
@@ -353,6 +370,7 @@ pub type FilterPattern = Pattern;
 
 struct ShardWorker {
     mapping: Arc<Mapping>,
+    shard_stats: Arc<ShardStats>,
     shard: String,
     checkpoint: Option<String>,
     stop: watch::Receiver<bool>,
@@ -419,6 +437,7 @@ impl ShardWorker {
             .map(|records| {
                 let mut lane = ShardWorker {
                     mapping: mapping.clone(),
+                    shard_stats: self.shard_stats.clone(),
                     shard: self.shard.clone(),
                     checkpoint: None,
                     stop: self.stop.clone(),
@@ -568,12 +587,16 @@ impl ShardWorker {
                     continue;
                 }
                 if let Some(last) = batch.last() {
-                    stats.iterator_age_ms.store(
-                        now_ms() - last.arrival_ms,
-                        std::sync::atomic::Ordering::Relaxed,
-                    );
+                    let age = now_ms() - last.arrival_ms;
+                    stats
+                        .iterator_age_ms
+                        .store(age, std::sync::atomic::Ordering::Relaxed);
+                    self.shard_stats
+                        .iterator_age_ms
+                        .store(age, std::sync::atomic::Ordering::Relaxed);
                 }
                 MappingStats::add(&stats.invokes, 1);
+                stats.record_batch(batch.len());
                 let outcome = self.mapping.invoker.invoke(payload).await;
                 let verdict = interpret(
                     &outcome,
@@ -705,7 +728,11 @@ impl ShardWorker {
 
     fn acknowledge(&mut self, batch: &[Rec], checkpoint_each: bool, _window: Option<&OpenWindow>) {
         let stats = &self.mapping.stats;
+        let bytes: u64 = batch.iter().map(|r| r.bytes).sum();
         MappingStats::add(&stats.records_out, batch.len() as u64);
+        MappingStats::add(&stats.bytes_out, bytes);
+        MappingStats::add(&self.shard_stats.records_out, batch.len() as u64);
+        MappingStats::add(&self.shard_stats.bytes_out, bytes);
         let now = now_ms();
         stats.record_latencies(batch.iter().map(|r| now - r.arrival_ms));
         if checkpoint_each && let Some(last) = batch.last() {
@@ -890,6 +917,7 @@ mod tests {
                 sequence_number: format!("{i:056}"),
                 partition_key: "k".into(),
                 arrival_ms: 0,
+                bytes: 1,
                 fragment: "{}".into(),
             })
             .collect()

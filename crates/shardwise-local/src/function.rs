@@ -636,4 +636,13 @@ impl Invoker {
             Self::Watch(_) => 0,
         }
     }
+
+    /// Where the function's output goes (its EMF metric lines among it), when the runner
+    /// started its processes.
+    pub fn log_file(&self) -> Option<&std::path::Path> {
+        match self {
+            Self::Processes(pool) => pool.spec().log_file.as_deref(),
+            Self::Watch(_) => None,
+        }
+    }
 }

@@ -9,7 +9,8 @@
 //!   record age, on-failure records, tumbling windows, filters — with [`checkpoint`]s that
 //!   survive a killed runner.
 //! - [`settings`]: the mapping's settings, read from `template.yaml`.
-//! - [`runner`] and [`view`]: a run, its live view and summary.
+//! - [`runner`] and [`view`]: a run, its live view and summary; [`dashboard`]: the same
+//!   counters as a live page in a browser (`--dashboard`), and as JSON.
 //! - [`tools`]: `put`, `replay`, `loadgen`; [`plan`]: shards, concurrency and cost.
 //! - [`demo`]: `make demo` — fraud and aggregation under generated load, end to end;
 //!   [`bench`]: `shardwise bench`, end-to-end throughput and latency of the embedded pipeline.
@@ -25,6 +26,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod cli;
+pub mod dashboard;
 pub mod demo;
 pub mod esm;
 pub mod filter;

@@ -45,6 +45,8 @@ pub struct RunConfig {
     pub view: ViewMode,
     /// The live view's first line.
     pub header: Option<crate::view::Header>,
+    /// The dashboard to feed, already serving (`--dashboard`).
+    pub dashboard: Option<Arc<crate::dashboard::Dashboard>>,
 }
 
 impl std::fmt::Debug for RunConfig {
@@ -131,6 +133,20 @@ pub async fn run(
             .collect(),
         config.header.clone(),
     );
+    if let Some(dashboard) = &config.dashboard {
+        dashboard.attach(
+            mappings
+                .iter()
+                .map(|m| crate::dashboard::FunctionFeed {
+                    name: m.function.clone(),
+                    stats: m.stats.clone(),
+                    log_file: m.invoker.log_file().map(std::path::Path::to_path_buf),
+                })
+                .collect(),
+            shards.len(),
+            crate::now_ms(),
+        );
+    }
 
     let mut stop_rx_main = stop_rx.clone();
     let mut last_activity = 0u64;
@@ -180,6 +196,10 @@ pub async fn run(
         elapsed: started.elapsed(),
     };
     view.finish().await;
+    if let Some(dashboard) = &config.dashboard {
+        dashboard.stop(crate::now_ms());
+        crate::dashboard::server::flush(dashboard, Duration::from_secs(2)).await;
+    }
     drop(mappings);
     Ok(report)
 }

@@ -191,6 +191,7 @@ impl Harness {
             },
             view: ViewMode::None,
             header: None,
+            dashboard: None,
         };
         let report = run(config, None).await.unwrap();
         let log = std::fs::read_to_string(self.log_path())
