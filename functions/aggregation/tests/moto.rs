@@ -143,8 +143,9 @@ async fn window_aggregates_land_once_across_a_retried_final_invocation() {
 #[tokio::test]
 async fn segments_flushed_early_merge_into_one_item_once() {
     let Some(setup) = setup().await else { return };
-    // The first invocation's state fits in 300 bytes, the middle one's does not.
-    let p = processor(&setup, 300);
+    // The first invocation's state (window marker included) fits in 380 bytes, the middle one's
+    // does not.
+    let p = processor(&setup, 380);
     let state = state_after(&p, &load("window-first.json")).await;
     let mut middle: Value = serde_json::from_slice(&load("window-middle.json")).unwrap();
     middle["state"] = state;
